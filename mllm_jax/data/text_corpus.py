@@ -1,0 +1,158 @@
+"""A real English text corpus that exists on every machine offline: the Python stdlib's docstrings.
+
+Each module, class and function docstring of the standard library that this interpreter ships is
+one document (a few MB of technical prose). Documents are byte-tokenised, split into train/eval by
+a hash of their source path and name, packed into fixed-length windows with ``segment_ids``, and
+streamed as a Grain pipeline.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import pathlib
+import sysconfig
+import zlib
+from dataclasses import dataclass
+
+import grain
+import numpy as np
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+_BYTE_OFFSET = 3
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3; ids 0/1/2 are pad/bos/eos. Vocabulary size 259."""
+
+    vocab_size = 256 + _BYTE_OFFSET
+
+    def encode(self, text: str) -> np.ndarray:
+        """str -> [T] int32 ids (no bos/eos)."""
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + _BYTE_OFFSET
+
+    def decode(self, ids: np.ndarray) -> str:
+        """[T] ids -> str; special ids are dropped, invalid UTF-8 replaced."""
+        ids = np.asarray(ids)
+        data = (ids[ids >= _BYTE_OFFSET] - _BYTE_OFFSET).astype(np.uint8).tobytes()
+        return data.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str  # "<relative path>:<qualified name>"
+    text: str
+
+
+def stdlib_docstrings(stdlib_dir: str | None = None) -> tuple[list[Document], int]:
+    """Collects docstrings from the stdlib's .py files, sorted by source.
+
+    Files that cannot be read or parsed are skipped, counted and logged.
+
+    Returns:
+      (documents, number of skipped files).
+    """
+    root = pathlib.Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"standard library directory {root} does not exist")
+    documents, skipped = [], 0
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith(("site-packages/", "test/", "idlelib/idle_test/")):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError) as err:
+            skipped += 1
+            logging.warning("skipping %s: %s", path, err)
+            continue
+        documents.extend(_docstrings_of(tree, relative))
+    if not documents:
+        raise ValueError(f"no docstrings found under {root}")
+    if skipped:
+        logging.info(
+            "stdlib corpus: %d documents, %d unreadable files skipped", len(documents), skipped
+        )
+    return documents, skipped
+
+
+def _docstrings_of(tree: ast.Module, relative: str) -> list[Document]:
+    found = []
+    stack: list[tuple[ast.AST, str]] = [(tree, "")]
+    while stack:
+        node, prefix = stack.pop()
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            found.append(Document(f"{relative}:{prefix or '<module>'}", doc))
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                stack.append((child, f"{prefix}.{child.name}" if prefix else child.name))
+    return sorted(found, key=lambda d: d.source)
+
+
+def is_eval_document(document: Document, eval_percent: int) -> bool:
+    """Deterministic split: a document is held out when crc32(source) % 100 < eval_percent."""
+    return zlib.crc32(document.source.encode("utf-8")) % 100 < eval_percent
+
+
+def pack_documents(documents: list[Document], seq_len: int, tokenizer: ByteTokenizer) -> dict:
+    """Concatenates ``<bos> text <eos>`` of every document and cuts the stream into windows.
+
+    Returns:
+      dict of [W, seq_len] arrays: ``tokens`` (int32), ``segment_ids`` (int32, one id per
+      document within a window, starting at 1) and ``loss_mask`` (1 where the token is a
+      prediction target: not the first token of a window or of a document).
+    """
+    pieces = [np.concatenate([[BOS_ID], tokenizer.encode(d.text), [EOS_ID]]) for d in documents]
+    stream = np.concatenate(pieces).astype(np.int32)
+    num_windows = len(stream) // seq_len
+    if num_windows == 0:
+        raise ValueError(f"corpus of {len(stream)} tokens is shorter than one window ({seq_len})")
+    tokens = stream[: num_windows * seq_len].reshape(num_windows, seq_len)
+    doc_starts = (tokens == BOS_ID).astype(np.int32)
+    doc_starts[:, 0] = 1
+    segment_ids = np.cumsum(doc_starts, axis=1).astype(np.int32)
+    loss_mask = (1 - doc_starts).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": segment_ids, "loss_mask": loss_mask}
+
+
+def make_text_datasets(
+    seq_len: int, eval_percent: int = 5, stdlib_dir: str | None = None
+) -> tuple[grain.MapDataset, grain.MapDataset]:
+    """Train and eval MapDatasets of packed windows (dict examples, each array [seq_len])."""
+    documents, _ = stdlib_docstrings(stdlib_dir)
+    tokenizer = ByteTokenizer()
+    train_docs = [d for d in documents if not is_eval_document(d, eval_percent)]
+    eval_docs = [d for d in documents if is_eval_document(d, eval_percent)]
+    if not eval_docs or not train_docs:
+        raise ValueError(f"eval_percent={eval_percent} leaves an empty train or eval split")
+    return tuple(
+        _as_dataset(pack_documents(docs, seq_len, tokenizer)) for docs in (train_docs, eval_docs)
+    )
+
+
+def _as_dataset(windows: dict) -> grain.MapDataset:
+    num = len(windows["tokens"])
+    return grain.MapDataset.range(num).map(lambda i: {k: v[i] for k, v in windows.items()})
+
+
+def batched_stream(
+    dataset: grain.MapDataset,
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """Infinite iterator over host-local batches: this process's shard, shuffled per epoch.
+
+    ``batch_size`` is the global batch; each of ``process_count`` hosts yields
+    ``batch_size // process_count`` examples per step.
+    """
+    if batch_size % process_count:
+        raise ValueError(f"global batch {batch_size} does not split over {process_count} hosts")
+    local = dataset[process_index::process_count]
+    if shuffle:
+        local = local.shuffle(seed=seed)
+    return iter(local.repeat().batch(batch_size // process_count, drop_remainder=True))

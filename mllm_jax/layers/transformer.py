@@ -1,0 +1,157 @@
+"""Pre-norm transformer block and a decoder stack with optional ``nn.scan`` and ``nn.remat``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mllm_jax.layers.attention import MultiHeadAttention
+from mllm_jax.layers.mlp import MLP
+from mllm_jax.layers.norms import make_norm
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+    """Hyper-parameters shared by every block of a stack.
+
+    ``scan_layers`` stacks the blocks' params along a leading ``layers`` axis and runs them with
+    ``nn.scan`` (one compiled block: fast compiles on TPU); ``remat_policy`` (a key of
+    ``REMAT_POLICIES``) recomputes activations in the backward pass to save memory.
+    """
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    mlp_activation: str = "swiglu"
+    norm: str = "rmsnorm"
+    norm_epsilon: float = 1e-6
+    use_rope: bool = True
+    rope_max_wavelength: float = 10_000.0
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+
+class TransformerBlock(nn.Module):
+    """x + Attn(Norm(x)), then + MLP(Norm(.)).
+
+    Returns ``(x, None)`` when ``config.scan_layers`` (the ``nn.scan`` carry convention), else x.
+    """
+
+    config: TransformerConfig
+
+    def _norm(self, name: str) -> nn.Module:
+        cfg = self.config
+        return make_norm(
+            cfg.norm,
+            epsilon=cfg.norm_epsilon,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None, positions: jnp.ndarray):
+        """x [B, N, E], mask [B, 1, N, N] bool, positions [B, N]."""
+        cfg = self.config
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        attended = MultiHeadAttention(
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            use_rope=cfg.use_rope,
+            rope_max_wavelength=cfg.rope_max_wavelength,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="attention",
+        )(self._norm("pre_attention_norm")(x), mask, positions)
+        x = x + attended
+        x = x + MLP(
+            hidden_dim=cfg.mlp_dim,
+            activation=cfg.mlp_activation,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="mlp",
+        )(self._norm("pre_mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        return (x, None) if cfg.scan_layers else x
+
+
+class DecoderStack(nn.Module):
+    """``num_layers`` transformer blocks followed by a final norm.
+
+    Parameter names: ``layers`` (one scanned block, leading ``layers`` axis) when
+    ``scan_layers``, else ``layers_0`` ... ``layers_{L-1}``; then ``final_norm``.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self, x: jnp.ndarray, mask: jnp.ndarray | None, positions: jnp.ndarray
+    ) -> jnp.ndarray:
+        """x [B, N, E], mask [B, 1, N, N] bool, positions [B, N] -> [B, N, E]."""
+        cfg = self.config
+        block_cls = TransformerBlock
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != "none":
+            # Under scan, CSE cannot merge the recomputation with the forward pass anyway.
+            block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(cfg, name="layers")(x, mask, positions)
+        else:
+            for i in range(cfg.num_layers):
+                x = block_cls(cfg, name=f"layers_{i}")(x, mask, positions)
+        return make_norm(
+            cfg.norm,
+            epsilon=cfg.norm_epsilon,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="final_norm",
+        )(x)
+
+
+def unstack_scanned_layers(stack_params: dict, num_layers: int) -> dict:
+    """Converts DecoderStack params from the scanned layout to the unrolled one.
+
+    ``{"layers": tree with leading axis L, ...}`` -> ``{"layers_0": ..., "layers_{L-1}": ...}``;
+    other entries (``final_norm``) are kept. Useful to move checkpoints between TPU (scanned)
+    and CPU (unrolled, faster there) configurations.
+    """
+    params = dict(stack_params)
+    scanned = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], scanned)
+    return params

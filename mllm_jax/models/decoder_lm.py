@@ -1,0 +1,109 @@
+"""Decoder-only language model: embedding, transformer stack, tied or untied output head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mllm_jax.layers.einsum import Einsum
+from mllm_jax.layers.embed import Embedder
+from mllm_jax.layers.masks import causal_mask_ar, make_attention_mask, positions_from_segment_ids
+from mllm_jax.layers.transformer import DecoderStack, TransformerConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def transformer_config_from(model_config: Any) -> TransformerConfig:
+    """Builds a TransformerConfig from the ``model`` section of an experiment config."""
+    for key in ("dtype", "param_dtype"):
+        if model_config[key] not in _DTYPES:
+            raise ValueError(f"model.{key}={model_config[key]!r}; expected one of {list(_DTYPES)}")
+    return TransformerConfig(
+        num_layers=model_config.num_layers,
+        num_heads=model_config.num_heads,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
+        mlp_dim=model_config.mlp_dim,
+        mlp_activation=model_config.mlp_activation,
+        norm=model_config.norm,
+        norm_epsilon=model_config.norm_epsilon,
+        use_rope=True,
+        rope_max_wavelength=model_config.rope_max_wavelength,
+        scan_layers=model_config.scan_layers,
+        remat_policy=model_config.remat_policy,
+        dtype=_DTYPES[model_config.dtype],
+        param_dtype=_DTYPES[model_config.param_dtype],
+    )
+
+
+class DecoderLM(nn.Module):
+    """Token ids -> next-token logits.
+
+    Attributes:
+      vocab_size: V.
+      embed_dim: E.
+      transformer: hyper-parameters of the block stack.
+      tie_embeddings: reuse the input embedding as output projection; otherwise a separate
+        ``lm_head`` kernel [embed, vocab].
+    """
+
+    vocab_size: int
+    embed_dim: int
+    transformer: TransformerConfig
+    tie_embeddings: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jnp.ndarray,
+        *,
+        mask_ar: jnp.ndarray | None = None,
+        input_mask: jnp.ndarray | None = None,
+        segment_ids: jnp.ndarray | None = None,
+        positions: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
+        """Computes logits.
+
+        Args:
+          tokens: [B, N] int token ids.
+          mask_ar: [B, N] attention pattern (see ``make_attention_mask``); default causal.
+          input_mask: [B, N] bool, False on padding.
+          segment_ids: [B, N] packed-sequence ids.
+          positions: [B, N]; default ``arange(N)``, restarted per segment when packed.
+
+        Returns:
+          [B, N, V] float32 logits; position p scores token p + 1.
+        """
+        cfg = self.transformer
+        batch, length = tokens.shape
+        if mask_ar is None:
+            mask_ar = causal_mask_ar(batch, length)
+        if positions is None:
+            positions = (
+                positions_from_segment_ids(segment_ids)
+                if segment_ids is not None
+                else jnp.broadcast_to(jnp.arange(length), (batch, length))
+            )
+        mask = make_attention_mask(mask_ar, input_mask, segment_ids)
+        embedder = Embedder(
+            self.vocab_size,
+            self.embed_dim,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="embedder",
+        )
+        x = embedder.encode(tokens)
+        x = DecoderStack(cfg, name="decoder")(x, mask, positions)
+        if self.tie_embeddings:
+            logits = embedder.decode(x)
+        else:
+            logits = Einsum(
+                shape=(self.embed_dim, self.vocab_size),
+                logical_axes=("embed", "vocab"),
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="lm_head",
+            )("bne,ev->bnv", x).astype(jnp.float32)
+        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))

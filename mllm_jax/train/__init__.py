@@ -1,0 +1,1 @@
+"""Training: state, losses, optimizer, steps, loop."""

@@ -1,0 +1,30 @@
+"""Command line: ``python -m mllm_jax.train --config configs/base.py:size=tiny --workdir DIR``.
+
+Any config field can be overridden, e.g. ``--config.model.num_layers=2``.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (optionally :arg).")
+flags.DEFINE_string("workdir", None, "Directory for config.json and metrics.jsonl.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    # Must happen before the first device query initialises the CPU backend.
+    if FLAGS.config.mesh.get("num_cpu_devices"):
+        jax.config.update("jax_num_cpu_devices", FLAGS.config.mesh.num_cpu_devices)
+    from mllm_jax.train.loop import train_and_evaluate
+
+    logging.info("config:\n%s", FLAGS.config)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

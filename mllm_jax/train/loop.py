@@ -1,0 +1,158 @@
+"""Training loop of the decoder LM on the offline text corpus: mesh, sharded state, steps, eval."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mllm_jax import sharding
+from mllm_jax.data import text_corpus
+from mllm_jax.models.decoder_lm import DecoderLM, transformer_config_from
+from mllm_jax.train import optimizer as optimizer_lib
+from mllm_jax.train import step as step_lib
+from mllm_jax.train.state import create_sharded_train_state
+
+
+def build_model(model_config: Any) -> DecoderLM:
+    """The DecoderLM described by a config's ``model`` section."""
+    return DecoderLM(
+        vocab_size=model_config.vocab_size,
+        embed_dim=model_config.embed_dim,
+        transformer=transformer_config_from(model_config),
+        tie_embeddings=model_config.tie_embeddings,
+    )
+
+
+def train_flops_per_token(model_config: Any, seq_len: int) -> float:
+    """Analytic training FLOPs per token: 6 x (matmul params) + 12 x L x N x H x D for attention."""
+    m = model_config
+    attention_params = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+    mlp_params = m.embed_dim * m.mlp_dim * (3 if m.mlp_activation == "swiglu" else 2)
+    matmul_params = m.num_layers * (attention_params + mlp_params) + m.vocab_size * m.embed_dim
+    attention_scores = 12 * m.num_layers * seq_len * m.num_heads * m.head_dim
+    return 6.0 * matmul_params + attention_scores
+
+
+def _global_batch(local_batch: dict, batch_sharding) -> dict:
+    return {
+        key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
+        for key, value in local_batch.items()
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains for ``config.training.num_steps`` and returns the last train and eval metrics.
+
+    Writes ``config.json`` and ``metrics.jsonl`` (one JSON object per logged step) to workdir.
+    """
+    workdir_path = pathlib.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    mesh = sharding.create_mesh_from_config(config.mesh)
+    rules = sharding.logical_rules_from_config(config.mesh.logical_axis_rules)
+    logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+
+    tokenizer = text_corpus.ByteTokenizer()
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size}"
+        )
+    data = config.data
+    train_ds, eval_ds = text_corpus.make_text_datasets(data.seq_len, data.eval_percent)
+    logging.info("corpus windows: %d train, %d eval", len(train_ds), len(eval_ds))
+
+    model = build_model(config.model)
+    num_steps = config.training.num_steps
+    schedule = optimizer_lib.make_learning_rate_schedule(config.optimizer, num_steps)
+    optimizer = optimizer_lib.make_optimizer(config.optimizer, num_steps)
+    example = jnp.zeros((data.batch_size, data.seq_len), jnp.int32)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    state, state_shardings = create_sharded_train_state(
+        lambda r: model.init(r, example, segment_ids=example)["params"],
+        optimizer,
+        mesh,
+        rules,
+        init_rng,
+    )
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    replicated = sharding.unsharded_fraction(state.params, state_shardings.params)
+    logging.info("params: %d (%.1f%% of bytes replicated)", num_params, 100 * replicated)
+
+    batch_sharding = step_lib.batch_sharding(mesh, rules)
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(model, optimizer, schedule), state_shardings, mesh, rules
+    )
+    eval_step = jax.jit(
+        step_lib.make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding)
+    )
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = text_corpus.batched_stream(train_ds, data.batch_size, seed=data.seed, **process)
+
+    def evaluate(params) -> float:
+        eval_iter = text_corpus.batched_stream(
+            eval_ds, data.batch_size, seed=0, shuffle=False, **process
+        )
+        totals = np.zeros(2)
+        for _ in range(config.training.eval_batches):
+            out = eval_step(params, _global_batch(next(eval_iter), batch_sharding))
+            totals += np.array([float(out["loss_sum"]), float(out["num_targets"])])
+        return totals[0] / max(totals[1], 1.0)
+
+    flops_per_step = (
+        train_flops_per_token(config.model, data.seq_len) * data.batch_size * data.seq_len
+    )
+    metrics_file = (workdir_path / "metrics.jsonl").open("w")
+    history = []
+    with sharding.mesh_context(mesh, rules):
+        window_start, window_steps = time.perf_counter(), 0
+        for step in range(1, num_steps + 1):
+            batch = _global_batch(next(train_iter), batch_sharding)
+            state, metrics = train_step(state, batch, step_rng)
+            window_steps += 1
+            is_eval = step % config.training.eval_every == 0 or step == num_steps
+            if step % config.training.log_every and not is_eval and step != 1:
+                continue
+            record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+            elapsed = time.perf_counter() - window_start
+            if step > 1:  # the first window includes compilation
+                record["steps_per_sec"] = window_steps / elapsed
+                record["tokens_per_sec"] = record["steps_per_sec"] * data.batch_size * data.seq_len
+                record["gflops_per_sec"] = record["steps_per_sec"] * flops_per_step / 1e9
+            if is_eval:
+                record["eval_loss"] = evaluate(state.params)
+            history.append(record)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            print(_format(record), flush=True)
+            window_start, window_steps = time.perf_counter(), 0
+    metrics_file.close()
+    first, last = history[0], history[-1]
+    print(
+        f"train loss {first['loss']:.3f} -> {last['loss']:.3f}; "
+        f"eval loss -> {last['eval_loss']:.3f} after {num_steps} steps",
+        flush=True,
+    )
+    return last
+
+
+def _format(record: dict) -> str:
+    parts = [f"step {record['step']:5d}", f"loss {record['loss']:.4f}"]
+    if "eval_loss" in record:
+        parts.append(f"eval_loss {record['eval_loss']:.4f}")
+    parts.append(f"lr {record['learning_rate']:.2e}")
+    parts.append(f"grad_norm {record['grad_norm']:.3f}")
+    if "tokens_per_sec" in record:
+        parts.append(f"{record['tokens_per_sec']:.0f} tok/s")
+        parts.append(f"{record['gflops_per_sec']:.1f} GFLOP/s")
+    return "  ".join(parts)
