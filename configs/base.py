@@ -1,8 +1,8 @@
 """Decoder-only LM on a real offline text corpus: the base config every experiment extends.
 
 Sizes (``--config configs/base.py:size=NAME``):
-  test   ~0.1M params, seq 32: unit tests and CI.
-  tiny   ~1.1M params, seq 128, batch 16: ``make demo`` on a 2-core CPU (a few minutes).
+  test   ~0.03M params, seq 32: unit tests and CI.
+  tiny   ~0.8M params, seq 128, batch 16: ``make demo`` on a 2-core CPU (a few minutes).
   small  ~26M params, seq 512, batch 8: the CPU benchmark size; a sensible TPU smoke test.
 
 Other arguments: ``scan=true`` runs the layers under ``nn.scan`` (fast compiles on TPU, slower on

@@ -19,6 +19,8 @@ import grain
 import numpy as np
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# Third-party packages and test suites (which hold deliberately malformed files) are not corpus.
+_EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test"})
 _BYTE_OFFSET = 3
 
 
@@ -57,9 +59,10 @@ def stdlib_docstrings(stdlib_dir: str | None = None) -> tuple[list[Document], in
         raise FileNotFoundError(f"standard library directory {root} does not exist")
     documents, skipped = [], 0
     for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root).as_posix()
-        if relative.startswith(("site-packages/", "test/", "idlelib/idle_test/")):
+        relative = path.relative_to(root)
+        if _EXCLUDED_DIRS.intersection(relative.parts[:-1]):
             continue
+        relative = relative.as_posix()
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         except (SyntaxError, UnicodeDecodeError, OSError, ValueError) as err:

@@ -31,6 +31,7 @@ def test_docstrings_are_collected_and_unparseable_files_are_counted(tmp_path, ca
     )
     _write(tmp_path, "broken.py", "def (:\n")
     _write(tmp_path, "test/skipped.py", '"""Test-suite docs are not part of the corpus."""\n')
+    _write(tmp_path, "pkg/tests/data/bad.py", "print 'py2'\n")  # excluded, so not even a skip
     docs, skipped = text_corpus.stdlib_docstrings(str(tmp_path))
     assert [(d.source, d.text) for d in docs] == [
         ("good.py:<module>", "Module doc."),
