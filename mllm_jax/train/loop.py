@@ -49,7 +49,9 @@ def _global_batch(local_batch: dict, batch_sharding) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains for ``config.training.num_steps`` and returns the last train and eval metrics.
+    """Trains for ``config.training.num_steps`` and returns the last logged metrics.
+
+    Logged ``loss`` is the mean train loss over the steps since the previous log line.
 
     Writes ``config.json`` and ``metrics.jsonl`` (one JSON object per logged step) to workdir.
     """
@@ -115,18 +117,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics_file = (workdir_path / "metrics.jsonl").open("w")
     history = []
     with sharding.mesh_context(mesh, rules):
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_losses = time.perf_counter(), []
         for step in range(1, num_steps + 1):
             batch = _global_batch(next(train_iter), batch_sharding)
             state, metrics = train_step(state, batch, step_rng)
-            window_steps += 1
+            window_losses.append(metrics["loss"])
             is_eval = step % config.training.eval_every == 0 or step == num_steps
             if step % config.training.log_every and not is_eval and step != 1:
                 continue
             record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+            # "loss" is the mean over the steps since the last log line, not one noisy batch.
+            record["loss"] = float(np.mean(jax.device_get(window_losses)))
             elapsed = time.perf_counter() - window_start
             if step > 1:  # the first window includes compilation
-                record["steps_per_sec"] = window_steps / elapsed
+                record["steps_per_sec"] = len(window_losses) / elapsed
                 record["tokens_per_sec"] = record["steps_per_sec"] * data.batch_size * data.seq_len
                 record["gflops_per_sec"] = record["steps_per_sec"] * flops_per_step / 1e9
             if is_eval:
@@ -135,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             print(_format(record), flush=True)
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_losses = time.perf_counter(), []
     metrics_file.close()
     first, last = history[0], history[-1]
     print(
