@@ -47,17 +47,20 @@ def main(argv):
     schedule = optimizer_lib.make_learning_rate_schedule(config.optimizer, num_steps)
     example = jnp.zeros((batch_size, seq_len), jnp.int32)
     state, shardings = create_sharded_train_state(
-        lambda r: model.init(r, example, segment_ids=example)["params"],
+        lambda r: model.init(r, example, segment_ids=example, positions=example)["params"],
         optimizer,
         mesh,
         rules,
         jax.random.key(0),
     )
     rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 259, (batch_size, seq_len), dtype=np.int32)
     batch = {
-        "tokens": rng.integers(3, 259, (batch_size, seq_len), dtype=np.int32),
+        "tokens": tokens,
+        "targets": np.roll(tokens, -1, axis=1),
         "segment_ids": np.ones((batch_size, seq_len), np.int32),
-        "loss_mask": np.ones((batch_size, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
+        "loss_mask": np.ones((batch_size, seq_len), np.float32),
     }
     batch = jax.device_put(batch, step_lib.batch_sharding(mesh, rules))
     train_step = step_lib.jit_train_step(

@@ -102,9 +102,10 @@ def pack_documents(documents: list[Document], seq_len: int, tokenizer: ByteToken
     """Concatenates ``<bos> text <eos>`` of every document and cuts the stream into windows.
 
     Returns:
-      dict of [W, seq_len] arrays: ``tokens`` (int32), ``segment_ids`` (int32, one id per
-      document within a window, starting at 1) and ``loss_mask`` (1 where the token is a
-      prediction target: not the first token of a window or of a document).
+      dict of [W, seq_len] arrays in the batch contract (``data/batch.py``): ``tokens``,
+      ``targets``, ``loss_mask``, ``segment_ids`` (one id per document piece in a window,
+      from 1) and ``positions`` (restarting per piece). A window's last position and a
+      document's last token predict nothing.
     """
     pieces = [np.concatenate([[BOS_ID], tokenizer.encode(d.text), [EOS_ID]]) for d in documents]
     stream = np.concatenate(pieces).astype(np.int32)
@@ -112,11 +113,22 @@ def pack_documents(documents: list[Document], seq_len: int, tokenizer: ByteToken
     if num_windows == 0:
         raise ValueError(f"corpus of {len(stream)} tokens is shorter than one window ({seq_len})")
     tokens = stream[: num_windows * seq_len].reshape(num_windows, seq_len)
-    doc_starts = (tokens == BOS_ID).astype(np.int32)
-    doc_starts[:, 0] = 1
+    doc_starts = tokens == BOS_ID
+    doc_starts[:, 0] = True
     segment_ids = np.cumsum(doc_starts, axis=1).astype(np.int32)
-    loss_mask = (1 - doc_starts).astype(np.int32)
-    return {"tokens": tokens, "segment_ids": segment_ids, "loss_mask": loss_mask}
+    index = np.broadcast_to(np.arange(seq_len), tokens.shape)
+    positions = index - np.maximum.accumulate(np.where(doc_starts, index, 0), axis=1)
+    same_segment = np.zeros(tokens.shape, bool)
+    same_segment[:, :-1] = segment_ids[:, 1:] == segment_ids[:, :-1]
+    targets = np.zeros_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]
+    return {
+        "tokens": tokens,
+        "targets": np.where(same_segment, targets, 0).astype(np.int32),
+        "loss_mask": same_segment.astype(np.float32),
+        "segment_ids": segment_ids,
+        "positions": positions.astype(np.int32),
+    }
 
 
 def make_text_datasets(

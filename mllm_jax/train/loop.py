@@ -81,7 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
     state, state_shardings = create_sharded_train_state(
-        lambda r: model.init(r, example, segment_ids=example)["params"],
+        lambda r: model.init(r, example, segment_ids=example, positions=example)["params"],
         optimizer,
         mesh,
         rules,

@@ -6,27 +6,20 @@ import jax
 import jax.numpy as jnp
 
 
-def next_token_cross_entropy(
-    logits: jnp.ndarray,
-    tokens: jnp.ndarray,
-    loss_mask: jnp.ndarray,
-    segment_ids: jnp.ndarray | None = None,
+def cross_entropy_loss(
+    logits: jnp.ndarray, targets: jnp.ndarray, loss_mask: jnp.ndarray
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Summed cross-entropy of predicting ``tokens[:, t+1]`` from ``logits[:, t]``.
+    """Summed masked cross-entropy of ``targets`` under ``logits`` (the batch contract's form).
 
     Args:
-      logits: [B, N, V].
-      tokens: [B, N] int ids.
-      loss_mask: [B, N], 1 where the token is a target (its prediction counts).
-      segment_ids: [B, N] packed-sequence ids; a prediction across a segment boundary never counts.
+      logits: [B, N, V]; position t scores ``targets[:, t]`` (the next token).
+      targets: [B, N] int ids.
+      loss_mask: [B, N], 1 where position t is trained (0 on padding, prompts, across segments).
 
     Returns:
-      (sum of per-target negative log-likelihoods, number of targets), both float32 scalars.
+      (sum of masked negative log-likelihoods, sum of the mask), both float32 scalars.
     """
-    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    targets = tokens[:, 1:]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    weights = loss_mask[:, 1:].astype(jnp.float32)
-    if segment_ids is not None:
-        weights = weights * (segment_ids[:, 1:] == segment_ids[:, :-1])
+    weights = loss_mask.astype(jnp.float32)
     return jnp.sum(nll * weights), jnp.sum(weights)

@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mllm_jax.sharding import LogicalRules
-from mllm_jax.train.losses import next_token_cross_entropy
+from mllm_jax.train.losses import cross_entropy_loss
 from mllm_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -23,14 +23,16 @@ def lm_loss(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Mean next-token cross-entropy of ``model`` on a packed batch, and the target count.
 
-    ``batch``: ``tokens``, ``loss_mask`` and ``segment_ids``, each [B, N].
+    ``batch``: the text fields of the batch contract (``data/batch.py``), each [B, N].
     """
     logits = model.apply(
-        {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"], rngs=rngs
+        {"params": params},
+        batch["tokens"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+        rngs=rngs,
     )
-    loss_sum, count = next_token_cross_entropy(
-        logits, batch["tokens"], batch["loss_mask"], batch["segment_ids"]
-    )
+    loss_sum, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
     return loss_sum / jnp.maximum(count, 1.0), count
 
 

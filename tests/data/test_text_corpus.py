@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mllm_jax.data import text_corpus
+from mllm_jax.data.batch import check_batch
 
 
 def test_byte_tokenizer_round_trips_unicode_and_drops_specials():
@@ -49,18 +50,20 @@ def test_missing_or_empty_corpus_directory_is_an_error(tmp_path):
         text_corpus.stdlib_docstrings(str(tmp_path))
 
 
-def test_pack_documents_marks_segments_and_targets():
+def test_pack_documents_produces_the_batch_contract():
     tok = text_corpus.ByteTokenizer()
     docs = [text_corpus.Document("a", "ab"), text_corpus.Document("b", "xyz")]
     packed = text_corpus.pack_documents(docs, seq_len=4, tokenizer=tok)
+    check_batch(packed, with_images=False)
     # stream: <bos> a b <eos> <bos> x y z <eos>  -> two windows of 4, one token dropped
-    stream = [1, 100, 101, 2, 1, 123, 124, 125]
-    np.testing.assert_array_equal(packed["tokens"].ravel(), stream)
-    np.testing.assert_array_equal(packed["segment_ids"], [[1, 1, 1, 1], [1, 1, 1, 1]])
-    np.testing.assert_array_equal(packed["loss_mask"], [[0, 1, 1, 1], [0, 1, 1, 1]])
+    np.testing.assert_array_equal(packed["tokens"].ravel(), [1, 100, 101, 2, 1, 123, 124, 125])
+    np.testing.assert_array_equal(packed["targets"], [[100, 101, 2, 0], [123, 124, 125, 0]])
+    np.testing.assert_array_equal(packed["loss_mask"], [[1, 1, 1, 0], [1, 1, 1, 0]])
     packed = text_corpus.pack_documents(docs, seq_len=6, tokenizer=tok)
     np.testing.assert_array_equal(packed["segment_ids"], [[1, 1, 1, 1, 2, 2]])
-    np.testing.assert_array_equal(packed["loss_mask"], [[0, 1, 1, 1, 0, 1]])
+    np.testing.assert_array_equal(packed["positions"], [[0, 1, 2, 3, 0, 1]])
+    np.testing.assert_array_equal(packed["targets"], [[100, 101, 2, 0, 123, 0]])
+    np.testing.assert_array_equal(packed["loss_mask"], [[1, 1, 1, 0, 1, 0]])
 
 
 def test_eval_split_is_deterministic_and_disjoint():
@@ -88,6 +91,6 @@ def test_make_text_datasets_splits_documents_into_packed_windows(tmp_path):
     _write(tmp_path, "mod.py", lines)
     train, held_out = text_corpus.make_text_datasets(8, eval_percent=10, stdlib_dir=str(tmp_path))
     example = train[0]
-    assert set(example) == {"tokens", "segment_ids", "loss_mask"}
+    assert set(example) == {"tokens", "targets", "loss_mask", "segment_ids", "positions"}
     assert example["tokens"].shape == (8,) and example["tokens"].dtype == np.int32
     assert len(train) > len(held_out) > 0

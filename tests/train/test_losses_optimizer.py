@@ -8,45 +8,43 @@ import numpy as np
 import optax
 import pytest
 
-from mllm_jax.train.losses import next_token_cross_entropy
+from mllm_jax.train.losses import cross_entropy_loss
 from mllm_jax.train.optimizer import make_learning_rate_schedule, make_optimizer, matrices_only
 
 
-def _reference_loss(logits, tokens, loss_mask, segment_ids):
+def _reference_loss(logits, targets, loss_mask):
     total, count = 0.0, 0.0
     batch, length, _ = logits.shape
     for b in range(batch):
-        for t in range(length - 1):
-            if not loss_mask[b, t + 1] or segment_ids[b, t + 1] != segment_ids[b, t]:
+        for t in range(length):
+            if not loss_mask[b, t]:
                 continue
             row = logits[b, t].astype(np.float64)
             log_z = np.log(np.sum(np.exp(row - row.max()))) + row.max()
-            total += log_z - row[tokens[b, t + 1]]
-            count += 1
+            total += loss_mask[b, t] * (log_z - row[targets[b, t]])
+            count += loss_mask[b, t]
     return total, count
 
 
-def test_next_token_cross_entropy_matches_loop_reference():
+def test_cross_entropy_matches_loop_reference():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, 7, 11)).astype(np.float32) * 3
-    tokens = rng.integers(0, 11, size=(3, 7))
-    loss_mask = rng.integers(0, 2, size=(3, 7))
-    segment_ids = np.array([[1, 1, 1, 2, 2, 2, 2], [1] * 7, [1, 2, 2, 3, 3, 3, 0]])
-    total, count = next_token_cross_entropy(
-        jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(loss_mask), jnp.asarray(segment_ids)
+    targets = rng.integers(0, 11, size=(3, 7))
+    loss_mask = rng.integers(0, 2, size=(3, 7)).astype(np.float32)
+    total, count = cross_entropy_loss(
+        jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(loss_mask)
     )
-    ref_total, ref_count = _reference_loss(logits, tokens, loss_mask, segment_ids)
+    ref_total, ref_count = _reference_loss(logits, targets, loss_mask)
     assert float(count) == ref_count
     np.testing.assert_allclose(float(total), ref_total, rtol=1e-5)
 
 
-def test_cross_segment_predictions_never_count():
-    logits = jnp.zeros((1, 4, 5))
-    tokens = jnp.array([[1, 2, 3, 4]])
-    ones = jnp.ones((1, 4), jnp.int32)
-    _, unpacked = next_token_cross_entropy(logits, tokens, ones)
-    _, packed = next_token_cross_entropy(logits, tokens, ones, jnp.array([[1, 1, 2, 2]]))
-    assert float(unpacked) == 3 and float(packed) == 2
+def test_masked_positions_do_not_contribute_even_with_extreme_logits():
+    logits = jnp.zeros((1, 3, 5)).at[0, 1].set(jnp.array([1e4, -1e4, 0, 0, 0]))
+    targets = jnp.array([[1, 1, 1]])
+    total, count = cross_entropy_loss(logits, targets, jnp.array([[1.0, 0.0, 1.0]]))
+    assert float(count) == 2
+    np.testing.assert_allclose(float(total), 2 * np.log(5), rtol=1e-6)
 
 
 def _optimizer_config(**overrides):

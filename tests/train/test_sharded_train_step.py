@@ -37,9 +37,17 @@ def _batch():
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, 259, size=(BATCH, LENGTH), dtype=np.int32)
     segment_ids = np.repeat(np.array([[1] * 10 + [2] * 6]), BATCH, axis=0).astype(np.int32)
-    loss_mask = np.ones_like(tokens)
-    loss_mask[:, 10] = 0
-    return {"tokens": tokens, "segment_ids": segment_ids, "loss_mask": loss_mask}
+    positions = np.repeat(np.array([list(range(10)) + list(range(6))]), BATCH, axis=0)
+    targets = np.roll(tokens, -1, axis=1)
+    loss_mask = np.ones(tokens.shape, np.float32)
+    loss_mask[:, [9, 15]] = 0  # last token of each segment predicts nothing
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "segment_ids": segment_ids,
+        "positions": positions.astype(np.int32),
+    }
 
 
 def _run(mesh):
@@ -52,7 +60,7 @@ def _run(mesh):
     schedule = optimizer_lib.make_learning_rate_schedule(config.optimizer, num_steps)
     example = jnp.zeros((BATCH, LENGTH), jnp.int32)
     state, shardings = create_sharded_train_state(
-        lambda r: model.init(r, example, segment_ids=example)["params"],
+        lambda r: model.init(r, example, segment_ids=example, positions=example)["params"],
         optimizer,
         mesh,
         rules,
@@ -65,7 +73,12 @@ def _run(mesh):
     )
     with sharding.mesh_context(mesh, rules):
         forward = jax.jit(
-            lambda p, b: model.apply({"params": p}, b["tokens"], segment_ids=b["segment_ids"])
+            lambda p, b: model.apply(
+                {"params": p},
+                b["tokens"],
+                segment_ids=b["segment_ids"],
+                positions=b["positions"],
+            )
         )
         logits = np.asarray(forward(state.params, batch))
         # Two steps: the first has learning rate 0 (warmup), the second moves the params.
