@@ -1,0 +1,242 @@
+"""Grain pipeline that streams packed, interleaved image-text batches.
+
+  records (random access) -> this process's shard -> seeded shuffle (reshuffled every epoch)
+  -> record to Sample -> template + tokenize -> image decode + preprocess
+  -> optional augmentation -> pack into rows (data/packing.py) -> batch
+  -> optional multiprocess workers -> batches of the contract in data/batch.py
+
+Deterministic given the seed; ``get_state``/``set_state`` restore the exact position, so a
+resumed run sees the batches an uninterrupted one would. Bad records raise ``BadRecordError``
+(naming the record and field) or, with ``on_bad_record="skip"``, are dropped, logged, counted in
+every batch's ``num_skipped`` and summed by ``BatchStream``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from mllm_jax.data.images import ImagePreprocessing
+from mllm_jax.data.packing import PackableSample, PackingSpec, RowBuilder, check_packable
+from mllm_jax.data.sample import BadRecordError, Sample
+from mllm_jax.data.templates import tokenize_sample
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedRecord:
+    """Stands in for a bad record so that packing can count it (also across worker processes)."""
+
+    id: str
+    field: str
+    problem: str
+
+
+class SampleProcessor:
+    """record -> PackableSample (or SkippedRecord). Picklable for multiprocess workers."""
+
+    def __init__(
+        self,
+        to_sample: Callable[[Any], Sample],
+        tokenizer: Any,
+        *,
+        template: str,
+        spec: PackingSpec,
+        preprocessing: ImagePreprocessing,
+        on_bad_record: str = "raise",
+    ):
+        if on_bad_record not in ("raise", "skip"):
+            raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
+        self.to_sample = to_sample
+        self.tokenizer = tokenizer
+        self.template = template
+        self.spec = spec
+        self.preprocessing = preprocessing
+        self.on_bad_record = on_bad_record
+
+    def __call__(self, record: Any) -> PackableSample | SkippedRecord:
+        try:
+            return self._process(record)
+        except BadRecordError as err:
+            if self.on_bad_record == "raise":
+                raise
+            logging.warning("skipping bad record: %s", err)
+            return SkippedRecord(err.record_id, err.field, err.problem)
+
+    def _process(self, record: Any) -> PackableSample:
+        sample = self.to_sample(record)
+        tokenized = tokenize_sample(
+            sample,
+            self.tokenizer,
+            template=self.template,
+            tokens_per_image=self.spec.tokens_per_image,
+            max_length=self.spec.seq_len,
+        )
+        size = self.spec.image_size
+        images = np.zeros((0, size, size, 3), np.float32)
+        if sample.images:
+            images = np.stack(
+                [
+                    self.preprocessing(encoded, sample.id, f"images[{i}]")
+                    for i, encoded in enumerate(sample.images)
+                ]
+            )
+        packable = PackableSample(
+            id=sample.id, tokens=tokenized.tokens, supervised=tokenized.supervised, images=images
+        )
+        check_packable(packable, self.spec)
+        return packable
+
+
+def random_horizontal_flip(element: Any, rng: np.random.Generator) -> Any:
+    """Flips all images of a sample left-right with probability 1/2 (seeded per element)."""
+    if isinstance(element, PackableSample) and len(element.images) and rng.random() < 0.5:
+        return dataclasses.replace(element, images=element.images[:, :, ::-1, :].copy())
+    return element
+
+
+class PackIterDataset(grain.IterDataset):
+    """Packs a stream of PackableSamples (and SkippedRecords) into contract rows."""
+
+    def __init__(self, parent: grain.IterDataset, spec: PackingSpec):
+        super().__init__(parent)
+        self._spec = spec
+
+    def __iter__(self) -> _PackIterator:
+        return _PackIterator(self._parent.__iter__(), self._spec)
+
+    def __str__(self) -> str:
+        return f"PackIterDataset(seq_len={self._spec.seq_len}, slots={self._spec.max_images})"
+
+
+class _PackIterator(grain.DatasetIterator):
+    """Next-fit packing whose state is the parent's state before the next row's first sample.
+
+    A sample that did not fit the previous row is held as ``pending``; restoring re-reads it
+    from the parent, so no array ever has to be stored in the (JSON) state.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, spec: PackingSpec):
+        super().__init__(parent)
+        self._spec = spec
+        self._pending: PackableSample | None = None
+        self._row_start_state = parent.get_state()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        builder = RowBuilder(self._spec)
+        if self._pending is not None:
+            builder.add(self._pending)
+            self._pending = None
+        skipped = 0
+        while True:
+            state_before = self._parent.get_state()
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if not builder.samples:
+                    raise
+                self._row_start_state = self._parent.get_state()
+                break
+            if isinstance(element, SkippedRecord):
+                skipped += 1
+                continue
+            if builder.fits(element):
+                builder.add(element)
+                continue
+            self._pending = element
+            self._row_start_state = state_before
+            break
+        row = builder.build()
+        row["num_skipped"] = np.int32(skipped)
+        return row
+
+    def get_state(self) -> dict:
+        return {"parent": self._row_start_state}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._row_start_state = state["parent"]
+        self._pending = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineOptions:
+    """Per-process batch size, shuffling, epochs, workers and augmentation of a pipeline."""
+
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    augment: bool = False
+    worker_count: int = 0
+    worker_buffer_size: int = 2
+
+
+def make_packed_dataset(
+    records: Sequence[Any],
+    processor: SampleProcessor,
+    options: PipelineOptions,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Builds the Grain pipeline over random-access ``records`` (e.g. ``tfds.data_source``)."""
+    dataset = grain.MapDataset.source(records)[process_index::process_count]
+    if options.shuffle:
+        dataset = dataset.shuffle(seed=options.seed)
+    if options.num_epochs != 1:
+        dataset = dataset.repeat(options.num_epochs)
+    dataset = dataset.map(processor)
+    if options.augment:
+        dataset = dataset.random_map(random_horizontal_flip, seed=options.seed + 1)
+    packed = PackIterDataset(dataset.to_iter_dataset(), processor.spec)
+    packed = packed.batch(options.batch_size, drop_remainder=True)
+    if options.worker_count:
+        packed = packed.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=options.worker_count,
+                per_worker_buffer_size=options.worker_buffer_size,
+            )
+        )
+    return packed
+
+
+class BatchStream:
+    """Iterator over contract batches that tallies skipped records and reports them at the end."""
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._iterator = iter(dataset)
+        self.num_skipped = 0
+        self.num_batches = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            logging.info("pipeline finished: %s", self.report())
+            raise
+        self.num_skipped += int(np.sum(batch.pop("num_skipped")))
+        self.num_batches += 1
+        return batch
+
+    def report(self) -> str:
+        return f"{self.num_batches} batches, {self.num_skipped} bad records skipped"
+
+    def get_state(self) -> dict:
+        return {
+            "iterator": self._iterator.get_state(),
+            "num_skipped": self.num_skipped,
+            "num_batches": self.num_batches,
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state["iterator"])
+        self.num_skipped = state["num_skipped"]
+        self.num_batches = state["num_batches"]
