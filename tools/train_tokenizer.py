@@ -1,5 +1,7 @@
-"""Trains the project's sentencepiece tokenizer on UTF-8 text files, one text per line.
+"""Trains the project's sentencepiece tokenizer on prepared datasets or UTF-8 text files.
 
+  python tools/train_tokenizer.py --data_dir data --dataset easy_vqa --dataset easy_vqa_captions
+      (trains on the train splits' turn texts; writes data/tokenizer.model next to the data)
   python tools/train_tokenizer.py --output /tmp/tok/easy_vqa --vocab_size 512 \
       --text_file questions.txt --text_file answers.txt
 
@@ -10,6 +12,7 @@ texts calls ``train_and_describe(texts, output_prefix, vocab_size)`` instead.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -19,13 +22,16 @@ from mllm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 DEFAULT_SAMPLE_TEXT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output", None, "Model path prefix: writes PREFIX.model and PREFIX.vocab.")
+flags.DEFINE_string(
+    "output", None, "Model path prefix (PREFIX.model); default DATA_DIR/tokenizer with --data_dir."
+)
 flags.DEFINE_integer("vocab_size", 1024, "Upper bound on the vocabulary size (>= 264).")
-flags.DEFINE_multi_string("text_file", None, "UTF-8 text file, one text per line; repeatable.")
+flags.DEFINE_multi_string("text_file", [], "UTF-8 text file, one text per line; repeatable.")
+flags.DEFINE_string("data_dir", None, "Directory of datasets prepared by tools/prepare_data.py.")
+flags.DEFINE_multi_string("dataset", [], "Prepared dataset whose train split to read; repeatable.")
 flags.DEFINE_string(
     "sample_text", DEFAULT_SAMPLE_TEXT, "Text whose encoding is printed after training."
 )
-flags.mark_flags_as_required(["output", "text_file"])
 
 
 def read_lines(paths: Sequence[str]) -> Iterator[str]:
@@ -34,6 +40,20 @@ def read_lines(paths: Sequence[str]) -> Iterator[str]:
         with open(path, encoding="utf-8") as file:
             for line in file:
                 yield line.rstrip("\n")
+
+
+def dataset_texts(dataset_names: Sequence[str], data_dir: str) -> Iterator[str]:
+    """One text per train sample: its turns joined by spaces, led by a space.
+
+    The leading space makes words start with the word-boundary mark, as they do when the
+    templates encode a turn after a separator (so " yes" is one piece, not "y" "es").
+    """
+    from mllm_jax.data.builders import load_samples
+
+    for name in dataset_names:
+        source = load_samples(name, data_dir, "train")
+        for index in range(len(source)):
+            yield " " + " ".join(turn.text for turn in source[index].turns)
 
 
 def describe(tokenizer: Tokenizer, sample_text: str) -> str:
@@ -64,12 +84,20 @@ def train_and_describe(
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS.text_file and not FLAGS.dataset:
+        raise app.UsageError("give --text_file and/or --dataset (with --data_dir)")
+    if FLAGS.dataset and not FLAGS.data_dir:
+        raise app.UsageError("--dataset needs --data_dir")
+    output = FLAGS.output or (FLAGS.data_dir and os.path.join(FLAGS.data_dir, "tokenizer"))
+    if not output:
+        raise app.UsageError("give --output (or --data_dir)")
     for path in FLAGS.text_file:
         if not os.path.isfile(path):
             raise app.UsageError(f"--text_file {path!r} does not exist")
-    train_and_describe(
-        read_lines(FLAGS.text_file), FLAGS.output, FLAGS.vocab_size, FLAGS.sample_text
+    texts = itertools.chain(
+        read_lines(FLAGS.text_file), dataset_texts(FLAGS.dataset, FLAGS.data_dir or "")
     )
+    train_and_describe(texts, output, FLAGS.vocab_size, FLAGS.sample_text)
 
 
 if __name__ == "__main__":
