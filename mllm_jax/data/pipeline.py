@@ -3,7 +3,7 @@
   records (random access) -> this process's shard -> seeded shuffle (reshuffled every epoch)
   -> record to Sample -> template + tokenize -> image decode + preprocess
   -> optional augmentation -> pack into rows (data/packing.py) -> batch
-  -> optional multiprocess workers -> batches of the contract in data/batch.py
+  -> multiprocess workers or a prefetch thread -> batches of the contract in data/batch.py
 
 Deterministic given the seed; ``get_state``/``set_state`` restore the exact position, so a
 resumed run sees the batches an uninterrupted one would. Bad records raise ``BadRecordError``
@@ -173,7 +173,8 @@ class PipelineOptions:
     num_epochs: int | None = None  # None: repeat forever
     augment: bool = False
     worker_count: int = 0
-    worker_buffer_size: int = 2
+    worker_buffer_size: int = 2  # batches each worker process keeps ready
+    prefetch_batches: int = 2  # without workers: batches a background thread keeps ready (0: off)
 
 
 def make_packed_dataset(
@@ -201,6 +202,10 @@ def make_packed_dataset(
                 num_workers=options.worker_count,
                 per_worker_buffer_size=options.worker_buffer_size,
             )
+        )
+    elif options.prefetch_batches:
+        packed = grain.experimental.ThreadPrefetchIterDataset(
+            packed, prefetch_buffer_size=options.prefetch_batches
         )
     return packed
 

@@ -10,6 +10,7 @@ from mllm_jax.data.batch import check_batch
 from mllm_jax.data.packing import PackableSample, PackingSpec, check_packable, pack_samples
 from mllm_jax.data.pipeline import PackIterDataset, SkippedRecord
 from mllm_jax.data.sample import BadRecordError
+from mllm_jax.layers.masks import make_attention_mask
 
 IMAGE_ID, P = 4, 3
 SPEC = PackingSpec(seq_len=24, max_images=3, image_size=2, tokens_per_image=P, image_id=IMAGE_ID)
@@ -72,6 +73,19 @@ def test_rows_follow_the_batch_contract_and_never_cross_segments(samples):
             np.testing.assert_array_equal(
                 row["positions"][seg == segment], np.arange((seg == segment).sum())
             )
+
+
+def test_no_position_attends_across_a_packed_boundary(samples):
+    rows = list(pack_samples(samples, SPEC))
+    segments = np.stack([r["segment_ids"] for r in rows])
+    mask = np.asarray(make_attention_mask(np.ones_like(segments), segment_ids=segments))[:, 0]
+    same_segment = segments[:, :, None] == segments[:, None, :]
+    assert mask.any() and not (mask & ~same_segment).any()
+    real = segments > 0
+    # Every real token sees itself and all earlier tokens of its own sample, nothing else.
+    for b, t in zip(*np.nonzero(real), strict=True):
+        start = np.flatnonzero(segments[b] == segments[b, t])[0]
+        np.testing.assert_array_equal(np.flatnonzero(mask[b, t]), np.arange(start, t + 1))
 
 
 def test_supervision_moves_to_the_predicting_position(samples):
