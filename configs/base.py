@@ -74,6 +74,11 @@ LOGICAL_AXIS_RULES = [
     ("norm", None),
     ("layers", None),
     ("expert", "expert"),
+    # Vision tower and VCE: small tables, replicated.
+    ("patch", None),
+    ("position", None),
+    ("sampling", None),
+    ("level_embed", None),
 ]
 
 

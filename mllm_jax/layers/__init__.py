@@ -1,7 +1,14 @@
 """Reusable Flax Linen layers. Every parameter carries logical axis names."""
 
 from mllm_jax.layers.attention import MultiHeadAttention, dot_product_attention
+from mllm_jax.layers.bilinear import bilinear_sample
+from mllm_jax.layers.cross_attention import (
+    CrossAttention,
+    GatedCrossAttentionBlock,
+    make_cross_attention_mask,
+)
 from mllm_jax.layers.embed import Embedder
+from mllm_jax.layers.image_tokens import insert_image_tokens
 from mllm_jax.layers.masks import (
     bidirectional_mask_ar,
     causal_mask_ar,
@@ -11,6 +18,7 @@ from mllm_jax.layers.masks import (
 )
 from mllm_jax.layers.mlp import MLP
 from mllm_jax.layers.norms import LayerNorm, RMSNorm, make_norm
+from mllm_jax.layers.projectors import Linear, MLPProjector
 from mllm_jax.layers.rope import apply_rope
 from mllm_jax.layers.transformer import (
     DecoderStack,
@@ -18,9 +26,24 @@ from mllm_jax.layers.transformer import (
     TransformerConfig,
     unstack_scanned_layers,
 )
+from mllm_jax.layers.vce import VCEConfig, VCEProjector, VisualCueEnhancement
+from mllm_jax.layers.vit import PooledVisionTransformer, VisionTransformer, ViTConfig
 
 __all__ = [
     "MLP",
+    "CrossAttention",
+    "GatedCrossAttentionBlock",
+    "Linear",
+    "MLPProjector",
+    "PooledVisionTransformer",
+    "VCEConfig",
+    "VCEProjector",
+    "ViTConfig",
+    "VisionTransformer",
+    "VisualCueEnhancement",
+    "bilinear_sample",
+    "insert_image_tokens",
+    "make_cross_attention_mask",
     "DecoderStack",
     "Embedder",
     "LayerNorm",
