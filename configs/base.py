@@ -79,6 +79,7 @@ LOGICAL_AXIS_RULES = [
     ("position", None),
     ("sampling", None),
     ("level_embed", None),
+    ("lora_rank", None),
 ]
 
 

@@ -9,6 +9,16 @@ from mllm_jax.layers.cross_attention import (
 )
 from mllm_jax.layers.embed import Embedder
 from mllm_jax.layers.image_tokens import insert_image_tokens
+from mllm_jax.layers.lora import AdapterConfig, DualLoRAEinsum, LoRAEinsum, make_projection
+from mllm_jax.layers.lora_params import (
+    ADAPTER_PARAM_REGEX,
+    adapter_param_count,
+    count_adapter_params,
+    is_adapter_param,
+    merge_lora,
+    split_adapter_params,
+    unmerge_lora,
+)
 from mllm_jax.layers.masks import (
     bidirectional_mask_ar,
     causal_mask_ar,
@@ -30,6 +40,17 @@ from mllm_jax.layers.vce import VCEConfig, VCEProjector, VisualCueEnhancement
 from mllm_jax.layers.vit import PooledVisionTransformer, VisionTransformer, ViTConfig
 
 __all__ = [
+    "ADAPTER_PARAM_REGEX",
+    "AdapterConfig",
+    "DualLoRAEinsum",
+    "LoRAEinsum",
+    "adapter_param_count",
+    "count_adapter_params",
+    "is_adapter_param",
+    "make_projection",
+    "merge_lora",
+    "split_adapter_params",
+    "unmerge_lora",
     "MLP",
     "CrossAttention",
     "GatedCrossAttentionBlock",

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from mllm_jax.layers.einsum import Einsum
+from mllm_jax.layers.lora import AdapterConfig, make_projection
 from mllm_jax.layers.rope import apply_rope
 
 
@@ -50,6 +50,8 @@ class MultiHeadAttention(nn.Module):
       head_dim: D per head.
       use_rope: rotate q and k by token position.
       rope_max_wavelength: RoPE base.
+      adapter: LoRA / Dual-LoRA on the projections it targets (``query``, ``key``, ``value``,
+        ``out``); their adapter params sit beside ``kernel``.
 
     Parameters (logical axes): ``query/kernel`` [embed, heads, head_dim], ``key/kernel`` and
     ``value/kernel`` [embed, kv_heads, head_dim], ``out/kernel`` [heads, head_dim, embed].
@@ -62,16 +64,18 @@ class MultiHeadAttention(nn.Module):
     rope_max_wavelength: float = 10_000.0
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    adapter: AdapterConfig = AdapterConfig(kind="none")
 
-    def _projection(self, name: str, heads: int, head_axis: str, embed_dim: int) -> Einsum:
-        return Einsum(
+    def _projection(self, name: str, heads: int, head_axis: str, embed_dim: int) -> nn.Module:
+        return make_projection(
+            name,
             shape=(embed_dim, heads, self.head_dim),
             logical_axes=("embed", head_axis, "head_dim"),
             in_axis=0,
             out_axis=(1, 2),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            name=name,
+            adapter=self.adapter,
         )
 
     @nn.compact
@@ -92,12 +96,13 @@ class MultiHeadAttention(nn.Module):
         key = nn.with_logical_constraint(key, ("act_batch", "act_length", "act_kv_heads", None))
         value = nn.with_logical_constraint(value, ("act_batch", "act_length", "act_kv_heads", None))
         out = dot_product_attention(query, key, value, mask)
-        return Einsum(
+        return make_projection(
+            "out",
             shape=(self.num_heads, self.head_dim, embed_dim),
             logical_axes=("heads", "head_dim", "embed"),
             in_axis=(0, 1),
             out_axis=2,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            name="out",
+            adapter=self.adapter,
         )("bnhd,hde->bne", out)

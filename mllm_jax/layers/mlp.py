@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from mllm_jax.layers.einsum import Einsum
+from mllm_jax.layers.lora import AdapterConfig, make_projection
 
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -19,6 +19,8 @@ class MLP(nn.Module):
     Attributes:
       hidden_dim: inner width F.
       activation: "swiglu" or "gelu".
+      adapter: LoRA / Dual-LoRA on the projections it targets (``wi_gate``, ``wi_up``, ``wi``,
+        ``wo``); their adapter params sit beside ``kernel``.
 
     Parameters (logical axes): ``wi_gate``, ``wi_up`` or ``wi`` [embed, mlp]; ``wo`` [mlp, embed].
     """
@@ -27,14 +29,16 @@ class MLP(nn.Module):
     activation: str = "swiglu"
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    adapter: AdapterConfig = AdapterConfig(kind="none")
 
-    def _dense(self, shape: tuple[int, int], axes: tuple[str, str], name: str) -> Einsum:
-        return Einsum(
+    def _dense(self, shape: tuple[int, int], axes: tuple[str, str], name: str) -> nn.Module:
+        return make_projection(
+            name,
             shape=shape,
             logical_axes=axes,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            name=name,
+            adapter=self.adapter,
         )
 
     @nn.compact

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mllm_jax.layers.attention import MultiHeadAttention
+from mllm_jax.layers.lora import AdapterConfig
 from mllm_jax.layers.mlp import MLP
 from mllm_jax.layers.norms import make_norm
 
@@ -19,6 +20,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+ATTENTION_NAMES = ("query", "key", "value", "out")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,6 +30,7 @@ class TransformerConfig:
     ``scan_layers`` stacks the blocks' params along a leading ``layers`` axis and runs them with
     ``nn.scan`` (one compiled block: fast compiles on TPU); ``remat_policy`` (a key of
     ``REMAT_POLICIES``) recomputes activations in the backward pass to save memory.
+    ``adapter`` puts LoRA / Dual-LoRA on the attention and MLP projections it targets.
     """
 
     num_layers: int
@@ -44,6 +47,7 @@ class TransformerConfig:
     remat_policy: str = "none"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    adapter: AdapterConfig = AdapterConfig(kind="none")
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
@@ -53,6 +57,13 @@ class TransformerConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        mlp_names = ("wi_gate", "wi_up", "wo") if self.mlp_activation == "swiglu" else ("wi", "wo")
+        absent = [t for t in self.adapter.targets if t not in ATTENTION_NAMES + mlp_names]
+        if self.adapter.kind != "none" and absent:
+            raise ValueError(
+                f"adapter targets {absent} are not projections of this block "
+                f"(attention {ATTENTION_NAMES}, {self.mlp_activation} MLP {mlp_names})"
             )
 
 
@@ -87,6 +98,7 @@ class TransformerBlock(nn.Module):
             rope_max_wavelength=cfg.rope_max_wavelength,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
+            adapter=cfg.adapter,
             name="attention",
         )(self._norm("pre_attention_norm")(x), mask, positions)
         x = x + attended
@@ -95,6 +107,7 @@ class TransformerBlock(nn.Module):
             activation=cfg.mlp_activation,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
+            adapter=cfg.adapter,
             name="mlp",
         )(self._norm("pre_mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))

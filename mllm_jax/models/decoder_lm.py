@@ -9,14 +9,28 @@ import jax.numpy as jnp
 
 from mllm_jax.layers.einsum import Einsum
 from mllm_jax.layers.embed import Embedder
+from mllm_jax.layers.lora import AdapterConfig
 from mllm_jax.layers.masks import causal_mask_ar, make_attention_mask, positions_from_segment_ids
 from mllm_jax.layers.transformer import DecoderStack, TransformerConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_ADAPTER_KEYS = ("kind", "rank", "alpha", "dropout", "targets")
+
+
+def _adapter_config_from(section: Any) -> AdapterConfig:
+    """AdapterConfig from a ``model.adapter`` section with keys among ``_ADAPTER_KEYS``."""
+    fields = dict(section)
+    unknown = sorted(set(fields) - set(_ADAPTER_KEYS))
+    if unknown:
+        raise ValueError(f"model.adapter has unknown keys {unknown}; expected {_ADAPTER_KEYS}")
+    return AdapterConfig(**fields)
 
 
 def transformer_config_from(model_config: Any) -> TransformerConfig:
-    """Builds a TransformerConfig from the ``model`` section of an experiment config."""
+    """Builds a TransformerConfig from the ``model`` section of an experiment config.
+
+    An optional ``model.adapter`` section configures LoRA / Dual-LoRA (absent: no adapter).
+    """
     for key in ("dtype", "param_dtype"):
         if model_config[key] not in _DTYPES:
             raise ValueError(f"model.{key}={model_config[key]!r}; expected one of {list(_DTYPES)}")
@@ -35,6 +49,11 @@ def transformer_config_from(model_config: Any) -> TransformerConfig:
         remat_policy=model_config.remat_policy,
         dtype=_DTYPES[model_config.dtype],
         param_dtype=_DTYPES[model_config.param_dtype],
+        adapter=(
+            _adapter_config_from(model_config.adapter)
+            if "adapter" in model_config
+            else AdapterConfig(kind="none")
+        ),
     )
 
 
