@@ -50,6 +50,7 @@ class MultiHeadAttention(nn.Module):
       head_dim: D per head.
       use_rope: rotate q and k by token position.
       rope_max_wavelength: RoPE base.
+      decode: keep keys/values in a ``cache`` collection for incremental decoding.
       adapter: LoRA / Dual-LoRA on the projections it targets (``query``, ``key``, ``value``,
         ``out``); their adapter params sit beside ``kernel``.
 
@@ -65,6 +66,7 @@ class MultiHeadAttention(nn.Module):
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     adapter: AdapterConfig = AdapterConfig(kind="none")
+    decode: bool = False
 
     def _projection(self, name: str, heads: int, head_axis: str, embed_dim: int) -> nn.Module:
         return make_projection(
@@ -78,11 +80,33 @@ class MultiHeadAttention(nn.Module):
             adapter=self.adapter,
         )
 
+    def _update_cache(self, key: jnp.ndarray, value: jnp.ndarray):
+        """Writes this call's keys/values at ``cache_index`` and returns the whole cache.
+
+        The first (``init``) call only creates the cache, shaped like its inputs: initialise
+        with a sequence as long as prompt + new tokens. Later calls append T positions.
+        """
+        initialised = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialised:
+            return key, value
+        start = (0, index.value, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+        index.value = index.value + key.shape[1]
+        return cached_key.value, cached_value.value
+
     @nn.compact
     def __call__(
         self, x: jnp.ndarray, mask: jnp.ndarray | None, positions: jnp.ndarray
     ) -> jnp.ndarray:
-        """x [B, N, E], mask [B, 1, N, N] bool, positions [B, N] -> [B, N, E]."""
+        """x [B, N, E], mask [B, 1, N, S] bool, positions [B, N] -> [B, N, E].
+
+        S = N for training; with ``decode`` S is the cache length and the mask says which
+        cached positions each new query may see (see ``models/generation.py``).
+        """
         embed_dim = x.shape[-1]
         query = self._projection("query", self.num_heads, "heads", embed_dim)("bne,ehd->bnhd", x)
         key = self._projection("key", self.num_kv_heads, "kv_heads", embed_dim)("bne,ehd->bnhd", x)
@@ -95,6 +119,8 @@ class MultiHeadAttention(nn.Module):
         query = nn.with_logical_constraint(query, ("act_batch", "act_length", "act_heads", None))
         key = nn.with_logical_constraint(key, ("act_batch", "act_length", "act_kv_heads", None))
         value = nn.with_logical_constraint(value, ("act_batch", "act_length", "act_kv_heads", None))
+        if self.decode:
+            key, value = self._update_cache(key, value)
         out = dot_product_attention(query, key, value, mask)
         return make_projection(
             "out",

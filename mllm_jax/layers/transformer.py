@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mllm_jax.layers.attention import MultiHeadAttention
+from mllm_jax.layers.cross_attention import GatedCrossAttentionBlock
 from mllm_jax.layers.lora import AdapterConfig
 from mllm_jax.layers.mlp import MLP
 from mllm_jax.layers.norms import make_norm
@@ -31,6 +32,8 @@ class TransformerConfig:
     ``nn.scan`` (one compiled block: fast compiles on TPU); ``remat_policy`` (a key of
     ``REMAT_POLICIES``) recomputes activations in the backward pass to save memory.
     ``adapter`` puts LoRA / Dual-LoRA on the attention and MLP projections it targets.
+    ``cross_attention_every`` > 0 inserts a gated cross-attention block (Flamingo) before
+    blocks 0, k, 2k, ... (unrolled stacks only). ``decode`` keeps a KV cache for generation.
     """
 
     num_layers: int
@@ -48,8 +51,16 @@ class TransformerConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     adapter: AdapterConfig = AdapterConfig(kind="none")
+    cross_attention_every: int = 0
+    decode: bool = False
 
     def __post_init__(self):
+        if self.cross_attention_every < 0:
+            raise ValueError(
+                f"cross_attention_every must be >= 0, got {self.cross_attention_every}"
+            )
+        if self.cross_attention_every and self.scan_layers:
+            raise ValueError("cross_attention_every needs an unrolled stack (scan_layers=False)")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}"
@@ -87,7 +98,7 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None, positions: jnp.ndarray):
-        """x [B, N, E], mask [B, 1, N, N] bool, positions [B, N]."""
+        """x [B, N, E], mask [B, 1, N, S] bool (S = N unless decoding), positions [B, N]."""
         cfg = self.config
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         attended = MultiHeadAttention(
@@ -99,6 +110,7 @@ class TransformerBlock(nn.Module):
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             adapter=cfg.adapter,
+            decode=cfg.decode,
             name="attention",
         )(self._norm("pre_attention_norm")(x), mask, positions)
         x = x + attended
@@ -118,17 +130,31 @@ class DecoderStack(nn.Module):
     """``num_layers`` transformer blocks followed by a final norm.
 
     Parameter names: ``layers`` (one scanned block, leading ``layers`` axis) when
-    ``scan_layers``, else ``layers_0`` ... ``layers_{L-1}``; then ``final_norm``.
+    ``scan_layers``, else ``layers_0`` ... ``layers_{L-1}``; ``cross_attention_{i}`` before
+    block i with cross-attention; then ``final_norm``.
     """
 
     config: TransformerConfig
 
     @nn.compact
     def __call__(
-        self, x: jnp.ndarray, mask: jnp.ndarray | None, positions: jnp.ndarray
+        self,
+        x: jnp.ndarray,
+        mask: jnp.ndarray | None,
+        positions: jnp.ndarray,
+        cross_inputs: jnp.ndarray | None = None,
+        cross_mask: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
-        """x [B, N, E], mask [B, 1, N, N] bool, positions [B, N] -> [B, N, E]."""
+        """x [B, N, E], mask [B, 1, N, S] bool, positions [B, N] -> [B, N, E].
+
+        With cross-attention: ``cross_inputs`` [B, C, E'] and ``cross_mask`` [B, 1, N, C].
+        """
         cfg = self.config
+        if bool(cfg.cross_attention_every) != (cross_inputs is not None):
+            raise ValueError(
+                f"cross_attention_every={cfg.cross_attention_every} but cross_inputs "
+                f"{'given' if cross_inputs is not None else 'missing'}"
+            )
         block_cls = TransformerBlock
         policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.remat_policy != "none":
@@ -137,7 +163,7 @@ class DecoderStack(nn.Module):
         if cfg.scan_layers:
             scanned = nn.scan(
                 block_cls,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
@@ -146,6 +172,15 @@ class DecoderStack(nn.Module):
             x, _ = scanned(cfg, name="layers")(x, mask, positions)
         else:
             for i in range(cfg.num_layers):
+                if cfg.cross_attention_every and i % cfg.cross_attention_every == 0:
+                    x = GatedCrossAttentionBlock(
+                        num_heads=cfg.num_heads,
+                        head_dim=cfg.head_dim,
+                        mlp_dim=cfg.mlp_dim,
+                        dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype,
+                        name=f"cross_attention_{i}",
+                    )(x, cross_inputs, cross_mask)
                 x = block_cls(cfg, name=f"layers_{i}")(x, mask, positions)
         return make_norm(
             cfg.norm,

@@ -10,7 +10,11 @@ import jax.numpy as jnp
 from mllm_jax.layers.einsum import Einsum
 from mllm_jax.layers.embed import Embedder
 from mllm_jax.layers.lora import AdapterConfig
-from mllm_jax.layers.masks import causal_mask_ar, make_attention_mask, positions_from_segment_ids
+from mllm_jax.layers.masks import (
+    causal_mask_ar,
+    make_attention_mask,
+    positions_from_segment_ids,
+)
 from mllm_jax.layers.transformer import DecoderStack, TransformerConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -58,7 +62,7 @@ def transformer_config_from(model_config: Any) -> TransformerConfig:
 
 
 class DecoderLM(nn.Module):
-    """Token ids -> next-token logits.
+    """Token ids (or embeddings) -> next-token logits.
 
     Attributes:
       vocab_size: V.
@@ -66,6 +70,10 @@ class DecoderLM(nn.Module):
       transformer: hyper-parameters of the block stack.
       tie_embeddings: reuse the input embedding as output projection; otherwise a separate
         ``lm_head`` kernel [embed, vocab].
+
+    Methods beyond ``__call__`` (for multimodal models and generation, via ``method=``):
+    ``embed`` (ids -> embeddings), ``hidden_states`` (embeddings -> final-norm states),
+    ``logits`` (states -> logits) and ``decode`` (embeddings -> logits).
     """
 
     vocab_size: int
@@ -73,56 +81,76 @@ class DecoderLM(nn.Module):
     transformer: TransformerConfig
     tie_embeddings: bool = True
 
-    @nn.compact
-    def __call__(
+    def setup(self):
+        cfg = self.transformer
+        self.embedder = Embedder(
+            self.vocab_size, self.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
+        self.decoder = DecoderStack(cfg)
+        if not self.tie_embeddings:
+            self.lm_head = Einsum(
+                shape=(self.embed_dim, self.vocab_size),
+                logical_axes=("embed", "vocab"),
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+            )
+
+    def embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """[B, N] ids -> [B, N, E]."""
+        return self.embedder.encode(tokens)
+
+    def hidden_states(
         self,
-        tokens: jnp.ndarray,
+        x: jnp.ndarray,
         *,
         mask_ar: jnp.ndarray | None = None,
         input_mask: jnp.ndarray | None = None,
         segment_ids: jnp.ndarray | None = None,
         positions: jnp.ndarray | None = None,
+        attention_mask: jnp.ndarray | None = None,
+        cross_inputs: jnp.ndarray | None = None,
+        cross_mask: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
-        """Computes logits.
+        """Embeddings [B, N, E] -> final-norm hidden states [B, N, E].
 
         Args:
-          tokens: [B, N] int token ids.
           mask_ar: [B, N] attention pattern (see ``make_attention_mask``); default causal.
           input_mask: [B, N] bool, False on padding.
           segment_ids: [B, N] packed-sequence ids.
           positions: [B, N]; default ``arange(N)``, restarted per segment when packed.
-
-        Returns:
-          [B, N, V] float32 logits; position p scores token p + 1.
+          attention_mask: [B, 1, N, S] bool, given explicitly instead of the three above
+            (generation with a KV cache of length S).
+          cross_inputs, cross_mask: image tokens [B, C, E'] and [B, 1, N, C] for a stack
+            with gated cross-attention.
         """
-        cfg = self.transformer
-        batch, length = tokens.shape
-        if mask_ar is None:
-            mask_ar = causal_mask_ar(batch, length)
+        batch, length = x.shape[:2]
         if positions is None:
             positions = (
                 positions_from_segment_ids(segment_ids)
                 if segment_ids is not None
                 else jnp.broadcast_to(jnp.arange(length), (batch, length))
             )
-        mask = make_attention_mask(mask_ar, input_mask, segment_ids)
-        embedder = Embedder(
-            self.vocab_size,
-            self.embed_dim,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            name="embedder",
-        )
-        x = embedder.encode(tokens)
-        x = DecoderStack(cfg, name="decoder")(x, mask, positions)
+        if attention_mask is None:
+            if mask_ar is None:
+                mask_ar = causal_mask_ar(batch, length)
+            attention_mask = make_attention_mask(mask_ar, input_mask, segment_ids)
+        return self.decoder(x, attention_mask, positions, cross_inputs, cross_mask)
+
+    def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
+        """[B, N, E] hidden states -> [B, N, V] float32 logits."""
         if self.tie_embeddings:
-            logits = embedder.decode(x)
+            logits = self.embedder.decode(hidden)
         else:
-            logits = Einsum(
-                shape=(self.embed_dim, self.vocab_size),
-                logical_axes=("embed", "vocab"),
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                name="lm_head",
-            )("bne,ev->bnv", x).astype(jnp.float32)
+            logits = self.lm_head("bne,ev->bnv", hidden).astype(jnp.float32)
         return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def decode(self, x: jnp.ndarray, **kwargs) -> jnp.ndarray:
+        """Embeddings [B, N, E] -> logits [B, N, V]; keyword arguments as ``hidden_states``."""
+        return self.logits(self.hidden_states(x, **kwargs))
+
+    def __call__(self, tokens: jnp.ndarray, **kwargs) -> jnp.ndarray:
+        """[B, N] ids -> [B, N, V] float32 logits; position p scores token p + 1.
+
+        Keyword arguments as ``hidden_states`` (mask_ar, input_mask, segment_ids, positions).
+        """
+        return self.decode(self.embed(tokens), **kwargs)
