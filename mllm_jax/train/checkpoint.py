@@ -1,0 +1,186 @@
+"""Orbax checkpoints of the trainable adapters, their optimizer state and the data iterator.
+
+A training checkpoint holds exactly four items per step, and never a frozen base weight:
+
+  ``trainable``  the trainable params (adapters), arrays, via ``StandardSave``;
+  ``opt_state``  the optimizer state of those params, arrays, via ``StandardSave``;
+  ``data``       the data iterator's JSON-able state (``BatchStream.get_state()``);
+  ``metadata``   JSON: the run config, the adapter spec and the path of the base weights.
+
+The frozen base weights are written once per run by ``save_base_params`` and referenced from
+``metadata["base_params_path"]``.
+
+Atomicity is Orbax's: a step is written into a temporary directory and renamed to its final name
+only after every item (and every host) has finished, so a save interrupted by preemption leaves
+no half checkpoint that ``latest_step`` or ``restore`` could see.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from mllm_jax.layers.lora import AdapterConfig
+
+REQUIRED_METADATA_KEYS: tuple[str, ...] = ("config", "adapter", "base_params_path")
+
+
+def checkpoint_metadata(
+    *, config: dict, adapter: AdapterConfig, base_params_path: str | pathlib.Path
+) -> dict:
+    """The ``metadata`` item of a training checkpoint: config, adapter spec, base-weights path."""
+    spec = {name: getattr(adapter, name) for name in ("kind", "rank", "alpha", "targets")}
+    spec["targets"] = list(spec["targets"])
+    return {"config": config, "adapter": spec, "base_params_path": str(base_params_path)}
+
+
+class TrainingCheckpointer:
+    """Saves and restores training checkpoints under ``directory/<step>/``.
+
+    Keeps the newest ``max_to_keep`` steps. With ``async_save`` the device-to-host copy happens
+    in ``save`` and the file writes in a background thread; call ``wait_until_finished`` before
+    reading the files and ``close`` before exiting.
+    """
+
+    def __init__(
+        self, directory: str | pathlib.Path, *, max_to_keep: int = 3, async_save: bool = True
+    ):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_names=("trainable", "opt_state", "data", "metadata"),
+        )
+
+    def save(
+        self,
+        step: int,
+        *,
+        trainable_params: Any,
+        opt_state: Any,
+        data_state: dict,
+        metadata: dict,
+        force: bool = False,
+    ) -> bool:
+        """Writes step ``step``; returns whether a save was started.
+
+        ``metadata`` must carry ``REQUIRED_METADATA_KEYS`` (see ``checkpoint_metadata``).
+        ``force`` overrides the manager's save policy (it does not overwrite an existing step).
+        """
+        missing = [k for k in REQUIRED_METADATA_KEYS if k not in metadata]
+        if missing:
+            raise ValueError(
+                f"checkpoint metadata lacks {missing}; build it with checkpoint_metadata"
+            )
+        args = ocp.args.Composite(
+            trainable=ocp.args.StandardSave(trainable_params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            data=ocp.args.JsonSave(data_state),
+            metadata=ocp.args.JsonSave(metadata),
+        )
+        return self._manager.save(int(step), args=args, force=force)
+
+    def latest_step(self) -> int | None:
+        """The newest fully committed step, or None if there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every committed step still on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def restore(
+        self, step: int | None = None, *, abstract_trainable: Any, abstract_opt_state: Any
+    ) -> tuple[Any, Any, dict, dict]:
+        """(trainable, opt_state, data_state, metadata) of ``step`` (default: the latest).
+
+        The abstract trees (``jax.ShapeDtypeStruct``s, e.g. from ``jax.eval_shape``) give the
+        structure, dtypes and, through their ``sharding``, where each array is placed: restoring
+        onto a mesh other than the one that saved re-shards on read.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no committed checkpoint under {self.directory}")
+        restored = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardRestore(abstract_trainable),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                data=ocp.args.JsonRestore(),
+                metadata=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["trainable"], restored["opt_state"], restored["data"], restored["metadata"]
+
+    def wait_until_finished(self) -> None:
+        """Blocks until a pending asynchronous save has been committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> TrainingCheckpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _shape_table(tree: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    flat = traverse_util.flatten_dict(dict(tree), sep="/")
+    return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in flat.items()}
+
+
+def save_base_params(directory: str | pathlib.Path, frozen_params: dict) -> str:
+    """Writes the frozen base weights (a nested dict) once to ``directory``; returns its path.
+
+    If ``directory`` already holds base weights, nothing is written, but their shapes and dtypes
+    must equal ``frozen_params``'s (a ValueError names every difference), so a run never pairs
+    its adapters with a different base model. A save interrupted midway leaves only Orbax's
+    temporary directory, never ``directory`` itself.
+    """
+    path = pathlib.Path(directory).absolute()
+    if path.exists():
+        on_disk = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+        found, wanted = _shape_table(on_disk), _shape_table(frozen_params)
+        differences = [
+            f"{k}: on disk {found.get(k)}, given {wanted.get(k)}"
+            for k in sorted(set(found) | set(wanted))
+            if found.get(k) != wanted.get(k)
+        ]
+        if differences:
+            raise ValueError(
+                f"base params at {path} differ from the given frozen params "
+                f"({len(differences)} paths): " + "; ".join(differences[:10])
+            )
+        return str(path)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, frozen_params)
+    checkpointer.wait_until_finished()
+    return str(path)
+
+
+def load_base_params(path: str | pathlib.Path, abstract: Any) -> Any:
+    """The base weights at ``path``, placed as ``abstract``'s ``ShapeDtypeStruct``s say."""
+    return ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute(), abstract)
+
+
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """``ShapeDtypeStruct``s of ``tree``'s arrays, with ``shardings`` (a same-shaped tree) if
+    given, else each array's own sharding."""
+    if shardings is None:
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+        )
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
