@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from mllm_jax import sharding
+from mllm_jax.train.param_groups import GroupedOptimizer
 
 
 @flax.struct.dataclass
@@ -55,3 +56,27 @@ def create_sharded_train_state(
         sharding.check_divisible(abstract, shardings)
         state = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=shardings)(rng)
     return state, shardings
+
+
+@flax.struct.dataclass
+class GroupedTrainState:
+    """State of a param-group train step: the frozen params sit beside, not in, the optimizer.
+
+    ``opt_state`` covers ``trainable`` only; ``frozen`` is read by the loss and never written.
+    """
+
+    step: jnp.ndarray
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+
+    @classmethod
+    def create(cls, params: Any, grouped_optimizer: GroupedOptimizer) -> GroupedTrainState:
+        """Step 0 state: ``params`` split into trainable and frozen, moments for the trainable."""
+        trainable, frozen = grouped_optimizer.split(params)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            trainable=trainable,
+            frozen=frozen,
+            opt_state=grouped_optimizer.init(trainable),
+        )

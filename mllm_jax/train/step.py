@@ -9,13 +9,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mllm_jax.sharding import LogicalRules
 from mllm_jax.train.losses import cross_entropy_loss
-from mllm_jax.train.state import TrainState
+from mllm_jax.train.param_groups import GroupedOptimizer
+from mllm_jax.train.partition import combine_params
+from mllm_jax.train.state import GroupedTrainState, TrainState
 
 Batch = dict[str, jax.Array]
+SumLossFn = Callable[[Any, Batch, jax.Array], tuple[jnp.ndarray, jnp.ndarray]]
+MAX_NAMED_PATHS = 20
 
 
 def lm_loss(
@@ -61,6 +66,118 @@ def make_train_step(
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
+
+
+def _micro_batches(batch: Batch, accumulation_steps: int) -> Batch:
+    """[B, ...] leaves -> [accumulation_steps, B / accumulation_steps, ...]."""
+
+    def split(x):
+        if x.shape[0] % accumulation_steps:
+            raise ValueError(
+                f"batch leading dim {x.shape[0]} is not divisible by "
+                f"accumulation_steps={accumulation_steps}"
+            )
+        return x.reshape((accumulation_steps, x.shape[0] // accumulation_steps) + x.shape[1:])
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_grouped_train_step(
+    loss_fn: SumLossFn, grouped_optimizer: GroupedOptimizer, accumulation_steps: int = 1
+) -> Callable[[GroupedTrainState, Batch, jax.Array], tuple[GroupedTrainState, dict]]:
+    """Returns the pure ``step(state, batch, rng) -> (state, metrics)`` over param groups.
+
+    ``loss_fn(params, batch, rng) -> (loss_sum, num_targets)`` returns sums (not a mean), so
+    summing over ``accumulation_steps`` micro-batches of the [B, ...] batch (``lax.scan``) and
+    dividing once by the total target count equals one step on the whole batch. Gradients are
+    taken w.r.t. ``state.trainable`` only and accumulated in the params' dtype; the loss in
+    float32. Micro-batch i draws ``fold_in(fold_in(rng, step), i)``.
+
+    A step whose loss or any gradient is non-finite returns ``state`` unchanged, so a bad batch
+    never reaches the params, the optimizer moments or a checkpoint; ``check_finite`` then
+    raises on the host. Metrics: ``loss``, ``num_targets``, ``grad_norm``,
+    ``learning_rate/<group>``, ``finite`` (bool) and ``grads_finite`` (a bool per trainable
+    leaf, shaped like ``state.trainable``).
+    """
+    if accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+
+    def sums_and_grads(trainable, frozen, batch, rng):
+        def loss_sum_of(trainable):
+            loss_sum, count = loss_fn(combine_params(trainable, frozen), batch, rng)
+            return loss_sum.astype(jnp.float32), count.astype(jnp.float32)
+
+        (loss_sum, count), grads = jax.value_and_grad(loss_sum_of, has_aux=True)(trainable)
+        return loss_sum, count, grads
+
+    def step(state: GroupedTrainState, batch: Batch, rng: jax.Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+        if accumulation_steps == 1:
+            loss_sum, count, grads = sums_and_grads(state.trainable, state.frozen, batch, step_rng)
+        else:
+
+            def accumulate(carry, micro):
+                index, micro_batch = micro
+                micro_rng = jax.random.fold_in(step_rng, index)
+                sums = sums_and_grads(state.trainable, state.frozen, micro_batch, micro_rng)
+                return jax.tree_util.tree_map(jnp.add, carry, sums), None
+
+            zeros = (
+                jnp.zeros((), jnp.float32),
+                jnp.zeros((), jnp.float32),
+                jax.tree_util.tree_map(jnp.zeros_like, state.trainable),
+            )
+            micro = (jnp.arange(accumulation_steps), _micro_batches(batch, accumulation_steps))
+            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+
+        denominator = jnp.maximum(count, 1.0)
+        loss = loss_sum / denominator
+        grads = jax.tree_util.tree_map(lambda g: g / denominator.astype(g.dtype), grads)
+        grads_finite = jax.tree_util.tree_map(lambda g: jnp.all(jnp.isfinite(g)), grads)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree_util.tree_leaves(grads_finite)))
+
+        updates, opt_state = grouped_optimizer.update(grads, state.opt_state, state.trainable)
+        updated = state.replace(
+            step=state.step + 1,
+            trainable=optax.apply_updates(state.trainable, updates),
+            opt_state=opt_state,
+        )
+        new_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(finite, new, old), updated, state
+        )
+        metrics = {
+            "loss": loss,
+            "num_targets": count,
+            "grad_norm": optax.tree.norm(grads),
+            "finite": finite,
+            "grads_finite": grads_finite,
+        }
+        for name, rate in grouped_optimizer.learning_rates(state.step).items():
+            metrics[f"learning_rate/{name}"] = rate
+        return new_state, metrics
+
+    return step
+
+
+def check_finite(metrics: dict, step: int) -> None:
+    """Raises if a grouped train step saw a non-finite loss or gradient (host side).
+
+    ``metrics``: the metrics of ``make_grouped_train_step`` (``finite``, ``grads_finite``,
+    ``loss``). The step itself already left the state unchanged.
+
+    Raises:
+      FloatingPointError: naming ``step`` and the parameter paths whose gradient is non-finite.
+    """
+    if bool(metrics["finite"]):
+        return
+    flat = traverse_util.flatten_dict(jax.device_get(metrics["grads_finite"]), sep="/")
+    paths = sorted(path for path, ok in flat.items() if not bool(ok))
+    named = paths[:MAX_NAMED_PATHS]
+    more = f" and {len(paths) - len(named)} more" if len(paths) > len(named) else ""
+    raise FloatingPointError(
+        f"step {step}: non-finite loss or gradients in {named}{more} "
+        f"(loss={float(metrics['loss'])}); the update was not applied"
+    )
 
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], dict]:
