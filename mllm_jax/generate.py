@@ -39,27 +39,23 @@ def _image_layout(tokens: np.ndarray, image_id: int, per_image: int) -> tuple[np
     return slot, patch
 
 
-def answer_questions(
+def prompt_batch(
     config: MultimodalConfig,
-    params: Any,
     tokenizer: Tokenizer,
     images: Sequence[Sequence[bytes]],
     questions: Sequence[str],
     *,
     template: str = "v1",
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-) -> list[str]:
-    """One answer per question; ``images[i]`` are the encoded images question i refers to.
+    zero_images: bool = False,
+) -> dict[str, np.ndarray]:
+    """Left-padded prompt arrays for ``answer_questions``.
 
-    A question without ``<image>`` gets one placeholder per image prepended (then a newline).
+    Returns tokens and mask [B, T], image_slot and image_patch [B, T], images [B, M, H, W, 3]
+    and image_mask [B, M]. A question without ``<image>`` gets one placeholder per image
+    prepended (then a newline); ``zero_images`` replaces every preprocessed image by zeros.
     """
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} image lists for {len(questions)} questions")
-    if config.fusion == "late":
-        raise ValueError("a late-fusion model has no language-model head to answer with")
     per_image = config.tokens_per_image
     preprocess = ImagePreprocessing(size=config.vision.image_size)
     prompts, layouts, pixels = [], [], []
@@ -80,32 +76,65 @@ def answer_questions(
     batch, length = len(prompts), max(len(p) for p in prompts)
     slots = max(1, max(len(p) for p in pixels))
     size = config.vision.image_size
-    tokens = np.full((batch, length), tokenizer.pad_id, np.int32)
-    mask = np.zeros((batch, length), bool)
-    image_slot = np.full((batch, length), -1, np.int32)
-    image_patch = np.full((batch, length), -1, np.int32)
-    image_array = np.zeros((batch, slots, size, size, 3), np.float32)
-    image_mask = np.zeros((batch, slots), bool)
+    arrays = {
+        "tokens": np.full((batch, length), tokenizer.pad_id, np.int32),
+        "mask": np.zeros((batch, length), bool),
+        "image_slot": np.full((batch, length), -1, np.int32),
+        "image_patch": np.full((batch, length), -1, np.int32),
+        "images": np.zeros((batch, slots, size, size, 3), np.float32),
+        "image_mask": np.zeros((batch, slots), bool),
+    }
     for row, (prompt, (slot, patch), row_pixels) in enumerate(
         zip(prompts, layouts, pixels, strict=True)
     ):
         start = length - len(prompt)  # left padding: every row's next token is at `length`
-        tokens[row, start:], mask[row, start:] = prompt, True
-        image_slot[row, start:], image_patch[row, start:] = slot, patch
+        arrays["tokens"][row, start:], arrays["mask"][row, start:] = prompt, True
+        arrays["image_slot"][row, start:], arrays["image_patch"][row, start:] = slot, patch
         for k, image in enumerate(row_pixels):
-            image_array[row, k], image_mask[row, k] = image, True
+            arrays["images"][row, k] = 0.0 if zero_images else image
+            arrays["image_mask"][row, k] = True
+    return arrays
 
+
+def answer_questions(
+    config: MultimodalConfig,
+    params: Any,
+    tokenizer: Tokenizer,
+    images: Sequence[Sequence[bytes]],
+    questions: Sequence[str],
+    *,
+    template: str = "v1",
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    zero_images: bool = False,
+) -> list[str]:
+    """One answer per question; ``images[i]`` are the encoded images question i refers to.
+
+    Prompts as ``prompt_batch``; ``zero_images`` is the vision-blind control.
+    """
+    if config.fusion == "late":
+        raise ValueError("a late-fusion model has no language-model head to answer with")
+    arrays = prompt_batch(
+        config, tokenizer, images, questions, template=template, zero_images=zero_images
+    )
+    tokens, mask = jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["mask"])
+    image_array, image_mask = arrays["images"], arrays["image_mask"]
+    image_slot, image_patch = arrays["image_slot"], arrays["image_patch"]
+    batch, slots = image_mask.shape
+    per_image = config.tokens_per_image
     model = MultimodalLM(config)
     variables = {"params": params}
     cross = None
     if config.fusion == "cross_attention":
-        embeddings = model.apply(variables, jnp.asarray(tokens), method=lambda m, t: m.lm.embed(t))
+        embeddings = model.apply(variables, tokens, method=lambda m, t: m.lm.embed(t))
         context = model.apply(variables, jnp.asarray(image_array), method=model.encode_images)
         context = context.reshape(batch, slots * per_image, -1)
         cross = (context, jnp.asarray(np.repeat(image_mask, per_image, axis=1)))
     else:
         embeddings = model.apply(
-            variables, jnp.asarray(tokens), jnp.asarray(image_array), jnp.asarray(image_slot),
+            variables, tokens, jnp.asarray(image_array), jnp.asarray(image_slot),
             jnp.asarray(image_patch), method=model.input_embeddings,
         )  # fmt: skip
     lm = DecoderLM(
@@ -115,7 +144,7 @@ def answer_questions(
         tie_embeddings=config.tie_embeddings,
     )
     result = generate(
-        lm, params["lm"], embeddings, jnp.asarray(mask), max_new_tokens=max_new_tokens,
+        lm, params["lm"], embeddings, mask, max_new_tokens=max_new_tokens,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, rng=jax.random.key(seed),
         temperature=temperature, top_p=top_p, cross=cross,
     )  # fmt: skip
