@@ -29,30 +29,21 @@ def main(argv):
     config = FLAGS.config
     if config.mesh.get("num_cpu_devices"):
         jax.config.update("jax_num_cpu_devices", config.mesh.num_cpu_devices)
-    import jax.numpy as jnp
     import numpy as np
 
     from mllm_jax import sharding
-    from mllm_jax.train import optimizer as optimizer_lib
     from mllm_jax.train import step as step_lib
-    from mllm_jax.train.loop import build_model, train_flops_per_token
-    from mllm_jax.train.state import create_sharded_train_state
+    from mllm_jax.train.loop import build_lm_trainer, train_flops_per_token
 
     mesh = sharding.create_mesh_from_config(config.mesh)
     rules = sharding.logical_rules_from_config(config.mesh.logical_axis_rules)
-    model = build_model(config.model)
     batch_size, seq_len = config.data.batch_size, config.data.seq_len
     num_steps = max(config.training.num_steps, FLAGS.steps + 2)
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, num_steps)
-    schedule = optimizer_lib.make_learning_rate_schedule(config.optimizer, num_steps)
-    example = jnp.zeros((batch_size, seq_len), jnp.int32)
-    state, shardings = create_sharded_train_state(
-        lambda r: model.init(r, example, segment_ids=example, positions=example)["params"],
-        optimizer,
-        mesh,
-        rules,
-        jax.random.key(0),
-    )
+    trainer = build_lm_trainer(
+        config, mesh, rules, batch_size=batch_size, seq_len=seq_len, num_steps=num_steps,
+        rng=jax.random.key(0),
+    )  # fmt: skip
+    state = trainer.state
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, 259, (batch_size, seq_len), dtype=np.int32)
     batch = {
@@ -63,9 +54,7 @@ def main(argv):
         "loss_mask": np.ones((batch_size, seq_len), np.float32),
     }
     batch = jax.device_put(batch, step_lib.batch_sharding(mesh, rules))
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, optimizer, schedule), shardings, mesh, rules
-    )
+    train_step = trainer.train_step
     step_rng = jax.random.key(1)
     with sharding.mesh_context(mesh, rules):
         start = time.perf_counter()

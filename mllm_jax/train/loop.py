@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+from jax.sharding import Mesh
 
 from mllm_jax import sharding
 from mllm_jax.data import text_corpus
@@ -39,6 +43,45 @@ def train_flops_per_token(model_config: Any, seq_len: int) -> float:
     matmul_params = m.num_layers * (attention_params + mlp_params) + m.vocab_size * m.embed_dim
     attention_scores = 12 * m.num_layers * seq_len * m.num_heads * m.head_dim
     return 6.0 * matmul_params + attention_scores
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTrainer:
+    """A decoder LM ready to train: model, sharded state and the jitted, donating train step."""
+
+    model: DecoderLM
+    state: Any
+    state_shardings: Any
+    train_step: Callable
+    schedule: optax.Schedule
+
+
+def build_lm_trainer(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    rules: sharding.LogicalRules,
+    *,
+    batch_size: int,
+    seq_len: int,
+    num_steps: int,
+    rng: jax.Array,
+) -> LMTrainer:
+    """Model, optimizer and schedule from ``config``; state initialised already sharded."""
+    model = build_model(config.model)
+    schedule = optimizer_lib.make_learning_rate_schedule(config.optimizer, num_steps)
+    optimizer = optimizer_lib.make_optimizer(config.optimizer, num_steps)
+    example = jnp.zeros((batch_size, seq_len), jnp.int32)
+    state, state_shardings = create_sharded_train_state(
+        lambda r: model.init(r, example, segment_ids=example, positions=example)["params"],
+        optimizer,
+        mesh,
+        rules,
+        rng,
+    )
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(model, optimizer, schedule), state_shardings, mesh, rules
+    )
+    return LMTrainer(model, state, state_shardings, train_step, schedule)
 
 
 def _global_batch(local_batch: dict, batch_sharding) -> dict:
@@ -73,28 +116,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_ds, eval_ds = text_corpus.make_text_datasets(data.seq_len, data.eval_percent)
     logging.info("corpus windows: %d train, %d eval", len(train_ds), len(eval_ds))
 
-    model = build_model(config.model)
     num_steps = config.training.num_steps
-    schedule = optimizer_lib.make_learning_rate_schedule(config.optimizer, num_steps)
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, num_steps)
-    example = jnp.zeros((data.batch_size, data.seq_len), jnp.int32)
-    rng = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
-    state, state_shardings = create_sharded_train_state(
-        lambda r: model.init(r, example, segment_ids=example, positions=example)["params"],
-        optimizer,
-        mesh,
-        rules,
-        init_rng,
-    )
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    trainer = build_lm_trainer(
+        config, mesh, rules, batch_size=data.batch_size, seq_len=data.seq_len,
+        num_steps=num_steps, rng=init_rng,
+    )  # fmt: skip
+    model, state, state_shardings = trainer.model, trainer.state, trainer.state_shardings
+    train_step = trainer.train_step
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     replicated = sharding.unsharded_fraction(state.params, state_shardings.params)
     logging.info("params: %d (%.1f%% of bytes replicated)", num_params, 100 * replicated)
 
     batch_sharding = step_lib.batch_sharding(mesh, rules)
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, optimizer, schedule), state_shardings, mesh, rules
-    )
     eval_step = jax.jit(
         step_lib.make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding)
     )

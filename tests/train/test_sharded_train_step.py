@@ -1,17 +1,14 @@
 """The same forward pass and train step on 1 device and on (8,), (2,4), (2,2,2) meshes agree."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
 from configs import base
 from mllm_jax import sharding
-from mllm_jax.train import optimizer as optimizer_lib
 from mllm_jax.train import step as step_lib
-from mllm_jax.train.loop import build_model
-from mllm_jax.train.state import create_sharded_train_state
+from mllm_jax.train.loop import build_lm_trainer
 
 MESHES = {
     "fsdp8": {"fsdp": 8},
@@ -54,23 +51,14 @@ def _run(mesh):
     """Forward logits, then one train step; returns host copies of both plus the state."""
     config = _config()
     rules = sharding.logical_rules_from_config(config.mesh.logical_axis_rules)
-    model = build_model(config.model)
-    num_steps = config.training.num_steps
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, num_steps)
-    schedule = optimizer_lib.make_learning_rate_schedule(config.optimizer, num_steps)
-    example = jnp.zeros((BATCH, LENGTH), jnp.int32)
-    state, shardings = create_sharded_train_state(
-        lambda r: model.init(r, example, segment_ids=example, positions=example)["params"],
-        optimizer,
-        mesh,
-        rules,
-        jax.random.key(0),
-    )
+    trainer = build_lm_trainer(
+        config, mesh, rules, batch_size=BATCH, seq_len=LENGTH,
+        num_steps=config.training.num_steps, rng=jax.random.key(0),
+    )  # fmt: skip
+    model, state, shardings = trainer.model, trainer.state, trainer.state_shardings
     batch_sharding = step_lib.batch_sharding(mesh, rules)
     batch = {k: jax.device_put(v, batch_sharding) for k, v in _batch().items()}
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, optimizer, schedule), shardings, mesh, rules
-    )
+    train_step = trainer.train_step
     with sharding.mesh_context(mesh, rules):
         forward = jax.jit(
             lambda p, b: model.apply(
