@@ -9,6 +9,7 @@ whose assistant turn the model writes, greedily or with temperature / top-p samp
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from absl import app, flags
 
 from mllm_jax.data.images import ImagePreprocessing
 from mllm_jax.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
-from mllm_jax.data.templates import prompt_for_generation
+from mllm_jax.data.templates import V1_SYSTEM_PROMPT, prompt_for_generation
 from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.models.decoder_lm import DecoderLM
 from mllm_jax.models.generation import generate
@@ -43,16 +44,22 @@ def prompt_batch(
     config: MultimodalConfig,
     tokenizer: Tokenizer,
     images: Sequence[Sequence[bytes]],
-    questions: Sequence[str],
+    questions: Sequence[str | np.ndarray],
     *,
     template: str = "v1",
+    system_prompt: str = V1_SYSTEM_PROMPT,
     zero_images: bool = False,
+    length_multiple: int = 1,
+    num_slots: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Left-padded prompt arrays for ``answer_questions``.
 
     Returns tokens and mask [B, T], image_slot and image_patch [B, T], images [B, M, H, W, 3]
     and image_mask [B, M]. A question without ``<image>`` gets one placeholder per image
-    prepended (then a newline); ``zero_images`` replaces every preprocessed image by zeros.
+    prepended (then a newline); a question given as an int array is an already templated prompt
+    (e.g. a document prefix) used as is. ``zero_images`` replaces every preprocessed image by
+    zeros. T is rounded up to a multiple of ``length_multiple`` and M is ``num_slots`` when
+    given, so batches of similar prompts share one compiled program.
     """
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} image lists for {len(questions)} questions")
@@ -60,21 +67,40 @@ def prompt_batch(
     preprocess = ImagePreprocessing(size=config.vision.image_size)
     prompts, layouts, pixels = [], [], []
     for index, (encoded, question) in enumerate(zip(images, questions, strict=True)):
-        if IMAGE_PLACEHOLDER not in question:
-            question = IMAGE_PLACEHOLDER * len(encoded) + "\n" + question
-        sample = Sample(
-            id=f"question[{index}]",
-            turns=(Turn(role="user", text=question),),
-            images=tuple(encoded),
-        )
-        tokens = prompt_for_generation(
-            sample, tokenizer, template=template, tokens_per_image=per_image
-        )
+        if isinstance(question, np.ndarray):
+            tokens = question.astype(np.int32)  # an already templated prompt
+        else:
+            if IMAGE_PLACEHOLDER not in question:
+                question = IMAGE_PLACEHOLDER * len(encoded) + "\n" + question
+            sample = Sample(
+                id=f"question[{index}]",
+                turns=(Turn(role="user", text=question),),
+                images=tuple(encoded),
+            )
+            tokens = prompt_for_generation(
+                sample,
+                tokenizer,
+                template=template,
+                tokens_per_image=per_image,
+                system_prompt=system_prompt,
+            )
+        if int(np.sum(tokens == tokenizer.image_id)) != len(encoded) * per_image:
+            raise ValueError(
+                f"question[{index}]: the prompt holds {np.sum(tokens == tokenizer.image_id)} "
+                f"image tokens but {len(encoded)} images x {per_image} tokens were given"
+            )
         prompts.append(tokens)
         layouts.append(_image_layout(tokens, tokenizer.image_id, per_image))
-        pixels.append([preprocess(b, sample.id, f"images[{i}]") for i, b in enumerate(encoded)])
+        pixels.append(
+            [preprocess(b, f"question[{index}]", f"images[{i}]") for i, b in enumerate(encoded)]
+        )
     batch, length = len(prompts), max(len(p) for p in prompts)
+    length = -(-length // length_multiple) * length_multiple
     slots = max(1, max(len(p) for p in pixels))
+    if num_slots is not None:
+        if num_slots < slots:
+            raise ValueError(f"num_slots={num_slots} but a question has {slots} images")
+        slots = num_slots
     size = config.vision.image_size
     arrays = {
         "tokens": np.full((batch, length), tokenizer.pad_id, np.int32),
@@ -96,6 +122,15 @@ def prompt_batch(
     return arrays
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def _input_embeddings(config, params, tokens, images, image_slot, image_patch):
+    model = MultimodalLM(config)
+    return model.apply(
+        {"params": params}, tokens, images, image_slot, image_patch,
+        method=model.input_embeddings,
+    )  # fmt: skip
+
+
 def answer_questions(
     config: MultimodalConfig,
     params: Any,
@@ -104,11 +139,14 @@ def answer_questions(
     questions: Sequence[str],
     *,
     template: str = "v1",
+    system_prompt: str = V1_SYSTEM_PROMPT,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
     zero_images: bool = False,
+    length_multiple: int = 1,
+    num_slots: int | None = None,
 ) -> list[str]:
     """One answer per question; ``images[i]`` are the encoded images question i refers to.
 
@@ -117,8 +155,9 @@ def answer_questions(
     if config.fusion == "late":
         raise ValueError("a late-fusion model has no language-model head to answer with")
     arrays = prompt_batch(
-        config, tokenizer, images, questions, template=template, zero_images=zero_images
-    )
+        config, tokenizer, images, questions, template=template, system_prompt=system_prompt,
+        zero_images=zero_images, length_multiple=length_multiple, num_slots=num_slots,
+    )  # fmt: skip
     tokens, mask = jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["mask"])
     image_array, image_mask = arrays["images"], arrays["image_mask"]
     image_slot, image_patch = arrays["image_slot"], arrays["image_patch"]
@@ -133,9 +172,9 @@ def answer_questions(
         context = context.reshape(batch, slots * per_image, -1)
         cross = (context, jnp.asarray(np.repeat(image_mask, per_image, axis=1)))
     else:
-        embeddings = model.apply(
-            variables, tokens, jnp.asarray(image_array), jnp.asarray(image_slot),
-            jnp.asarray(image_patch), method=model.input_embeddings,
+        embeddings = _input_embeddings(
+            config, params, tokens, jnp.asarray(image_array), jnp.asarray(image_slot),
+            jnp.asarray(image_patch),
         )  # fmt: skip
     lm = DecoderLM(
         vocab_size=config.vocab_size,

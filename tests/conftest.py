@@ -1,6 +1,7 @@
 """Shared test set-up: 8 fake CPU devices, set before jax is imported anywhere."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -15,3 +16,11 @@ def devices():
     found = jax.devices()
     assert len(found) == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set in conftest.py)"
     return found
+
+
+# One persistent XLA compilation cache per test session: tests that build the same program
+# (same model, shapes and mesh) compile it once.
+_CACHE_DIR = tempfile.mkdtemp(prefix="mllm_jax_xla_cache_")
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -78,7 +78,7 @@ def main(argv):
         "batch_size": batch_size,
         "seq_len": seq_len,
         "compile_s": round(compile_s, 2),
-        "step_s_median": round(median, 4),
+        "step_s_median": round(median, 7),
         "step_s_mean": round(statistics.mean(times), 4),
         "tokens_per_s": round(batch_size * seq_len / median, 1),
         "gflops_per_s": round(flops / median / 1e9, 2),

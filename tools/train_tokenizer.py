@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from absl import app, flags
 
+from mllm_jax.data import builders
 from mllm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 DEFAULT_SAMPLE_TEXT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
@@ -40,20 +41,6 @@ def read_lines(paths: Sequence[str]) -> Iterator[str]:
         with open(path, encoding="utf-8") as file:
             for line in file:
                 yield line.rstrip("\n")
-
-
-def dataset_texts(dataset_names: Sequence[str], data_dir: str) -> Iterator[str]:
-    """One text per train sample: its turns joined by spaces, led by a space.
-
-    The leading space makes words start with the word-boundary mark, as they do when the
-    templates encode a turn after a separator (so " yes" is one piece, not "y" "es").
-    """
-    from mllm_jax.data.builders import load_samples
-
-    for name in dataset_names:
-        source = load_samples(name, data_dir, "train")
-        for index in range(len(source)):
-            yield " " + " ".join(turn.text for turn in source[index].turns)
 
 
 def describe(tokenizer: Tokenizer, sample_text: str) -> str:
@@ -95,7 +82,7 @@ def main(argv: Sequence[str]) -> None:
         if not os.path.isfile(path):
             raise app.UsageError(f"--text_file {path!r} does not exist")
     texts = itertools.chain(
-        read_lines(FLAGS.text_file), dataset_texts(FLAGS.dataset, FLAGS.data_dir or "")
+        read_lines(FLAGS.text_file), builders.train_texts(FLAGS.dataset, FLAGS.data_dir or "")
     )
     train_and_describe(texts, output, FLAGS.vocab_size, FLAGS.sample_text)
 

@@ -24,7 +24,7 @@ import numpy as np
 from mllm_jax.data.images import ImagePreprocessing
 from mllm_jax.data.packing import PackableSample, PackingSpec, RowBuilder, check_packable
 from mllm_jax.data.sample import BadRecordError, Sample
-from mllm_jax.data.templates import tokenize_sample
+from mllm_jax.data.templates import V1_SYSTEM_PROMPT, tokenize_sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,7 @@ class SampleProcessor:
         spec: PackingSpec,
         preprocessing: ImagePreprocessing,
         on_bad_record: str = "raise",
+        system_prompt: str = V1_SYSTEM_PROMPT,
     ):
         if on_bad_record not in ("raise", "skip"):
             raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
@@ -57,6 +58,7 @@ class SampleProcessor:
         self.spec = spec
         self.preprocessing = preprocessing
         self.on_bad_record = on_bad_record
+        self.system_prompt = system_prompt
 
     def __call__(self, record: Any) -> PackableSample | SkippedRecord:
         try:
@@ -75,6 +77,7 @@ class SampleProcessor:
             template=self.template,
             tokens_per_image=self.spec.tokens_per_image,
             max_length=self.spec.seq_len,
+            system_prompt=self.system_prompt,
         )
         size = self.spec.image_size
         images = np.zeros((0, size, size, 3), np.float32)
@@ -191,6 +194,64 @@ def make_packed_dataset(
         dataset = dataset.shuffle(seed=options.seed)
     if options.num_epochs != 1:
         dataset = dataset.repeat(options.num_epochs)
+    return _process_pack_batch(dataset, processor, options)
+
+
+class TaggedRecord:
+    """record -> (source index, record): lets one processor serve several sources. Picklable."""
+
+    def __init__(self, source_index: int):
+        self.source_index = source_index
+
+    def __call__(self, record: Any) -> tuple[int, Any]:
+        return self.source_index, record
+
+
+class ToSampleBySource:
+    """(source index, record) -> that source's ``to_sample(record)``. Picklable."""
+
+    def __init__(self, to_samples: Sequence[Callable[[Any], Sample]]):
+        self.to_samples = tuple(to_samples)
+
+    def __call__(self, tagged: tuple[int, Any]) -> Sample:
+        source_index, record = tagged
+        return self.to_samples[source_index](record)
+
+
+def make_mixed_packed_dataset(
+    sources: Sequence[Sequence[Any]],
+    weights: Sequence[float],
+    processor: SampleProcessor,
+    options: PipelineOptions,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Like ``make_packed_dataset`` over a weighted mixture of record sources, repeated forever.
+
+    Each source is sharded per process, shuffled with its own seed (``options.seed + k``) and
+    repeated, then ``grain.MapDataset.mix`` draws from them in the ``weights`` proportions, so
+    the mixture holds at every point of the stream, not just over an epoch. Elements reach
+    ``processor`` as ``(source index, record)``: build it with ``ToSampleBySource``.
+    """
+    if len(sources) != len(weights) or not sources:
+        raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"mixture weights must be positive, got {list(weights)}")
+    if options.num_epochs is not None:
+        raise ValueError("a mixture repeats its sources forever: set num_epochs=None")
+    parts = []
+    for k, records in enumerate(sources):
+        part = grain.MapDataset.source(records)[process_index::process_count]
+        if options.shuffle:
+            part = part.shuffle(seed=options.seed + k)
+        parts.append(part.repeat(None).map(TaggedRecord(k)))
+    return _process_pack_batch(grain.MapDataset.mix(parts, weights), processor, options)
+
+
+def _process_pack_batch(
+    dataset: grain.MapDataset, processor: SampleProcessor, options: PipelineOptions
+) -> grain.IterDataset:
     dataset = dataset.map(processor)
     if options.augment:
         dataset = dataset.random_map(random_horizontal_flip, seed=options.seed + 1)

@@ -184,3 +184,41 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+def read_params(path: str | pathlib.Path) -> dict:
+    """A params checkpoint (``save_base_params``, or a step's ``trainable`` item) read onto the
+    first local device, whatever mesh wrote it; callers re-place it (``pretrained.overlay``)."""
+    path = pathlib.Path(path).absolute()
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.local_devices()[0]
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(
+            m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
+        ),
+        checkpointer.metadata(path).item_metadata.tree,
+    )
+    return checkpointer.restore(path, abstract)
+
+
+def load_trained_params(workdir: str | pathlib.Path) -> dict:
+    """The full params a finished training run left in ``workdir``: its base weights (if any
+    were frozen) combined with the trainable params of its latest checkpoint.
+
+    Raises:
+      FileNotFoundError: naming ``workdir`` when it holds no committed checkpoint.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    checkpoints = workdir / "checkpoints"
+    steps = sorted(
+        int(p.name)
+        for p in (checkpoints.glob("*") if checkpoints.exists() else [])
+        if p.name.isdigit() and (p / "trainable").exists()
+    )
+    if not steps:
+        raise FileNotFoundError(f"no training checkpoint under {checkpoints}; run that stage first")
+    flat = traverse_util.flatten_dict(read_params(checkpoints / str(steps[-1]) / "trainable"))
+    base = workdir / "base_params"
+    if base.exists():
+        flat |= traverse_util.flatten_dict(read_params(base))
+    return traverse_util.unflatten_dict(flat)

@@ -13,6 +13,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
+from mllm_jax.data.templates import V1_SYSTEM_PROMPT, tokenize_sample
 from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.generate import answer_questions
 from mllm_jax.models.multimodal_lm import MultimodalConfig
@@ -20,13 +23,18 @@ from mllm_jax.models.multimodal_lm import MultimodalConfig
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VQAExample:
-    """One question with its encoded images, reference answer and question type."""
+    """One question with its encoded images, reference answer and question type.
+
+    ``prompt``, when set, is the already templated prompt (token ids) to continue instead of
+    ``question`` in a chat turn: a document prefix such as the multi-image documents'.
+    """
 
     id: str
     images: tuple[bytes, ...]
     question: str
     answer: str
     question_type: str
+    prompt: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,23 +72,38 @@ def evaluate_vqa(
     *,
     batch_size: int = 64,
     template: str = "v1",
+    system_prompt: str = V1_SYSTEM_PROMPT,
     max_new_tokens: int = 8,
     zero_images: bool = False,
+    length_multiple: int = 16,
 ) -> VQAResult:
-    """Answers every example in batches and scores the answers."""
+    """Answers every example in batches and scores the answers.
+
+    Every batch is padded to ``batch_size`` questions (repeating the last one; the extra
+    answers are dropped), its prompts to a multiple of ``length_multiple`` tokens and its image
+    slots to the most images any example has, so a whole evaluation compiles a few programs.
+    """
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    num_slots = max(1, max(len(e.images) for e in examples))
     predictions: list[str] = []
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+        chunk = list(examples[start : start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)
         predictions += answer_questions(
             config,
             params,
             tokenizer,
             [e.images for e in chunk],
-            [e.question for e in chunk],
+            [e.question if e.prompt is None else e.prompt for e in chunk],
             template=template,
+            system_prompt=system_prompt,
             max_new_tokens=max_new_tokens,
             zero_images=zero_images,
-        )
+            length_multiple=length_multiple,
+            num_slots=num_slots,
+        )[:real]
     accuracy, per_type = score(examples, predictions)
     return VQAResult(
         accuracy=accuracy, per_type=per_type, count=len(examples), predictions=tuple(predictions)
@@ -106,3 +129,41 @@ def easy_vqa_examples(records: Sequence[dict], answers: Sequence[str], limit: in
         )
         for i in range(count)
     ]
+
+
+def document_examples(
+    source: Any, tokenizer: Tokenizer, *, tokens_per_image: int, limit: int | None = None
+) -> list[VQAExample]:
+    """VQAExamples from interleaved documents whose last supervised run is the answer.
+
+    ``source``: a ``builders.SampleSource`` (e.g. ``load_samples("multi_image", ...)``). The
+    document is tokenized as in training (template ``plain`` and ``v1`` agree on documents);
+    the prompt is every id before the final supervised run, the answer that run's text (its
+    EOS dropped), the question type the first word of the question line.
+    """
+    count = len(source) if limit is None else min(limit, len(source))
+    examples = []
+    for i in range(count):
+        sample = source[i]
+        tokenized = tokenize_sample(
+            sample, tokenizer, template="plain", tokens_per_image=tokens_per_image
+        )
+        supervised = tokenized.supervised
+        end = len(supervised)
+        start = end
+        while start > 0 and supervised[start - 1]:
+            start -= 1
+        answer_ids = [t for t in tokenized.tokens[start:end] if t != tokenizer.eos_id]
+        question = next(t.text for t in sample.turns if "Question:" in t.text)
+        question_line = question.split("Question:", 1)[1].split("\n", 1)[0].strip()
+        examples.append(
+            VQAExample(
+                id=sample.id,
+                images=sample.images,
+                question=question_line,
+                answer=tokenizer.decode(answer_ids).strip(),
+                question_type=question_line.split(" ", 1)[0].lower(),
+                prompt=tokenized.tokens[:start],
+            )
+        )
+    return examples

@@ -19,6 +19,7 @@ from mllm_jax.data.builders.registry import (
     option_names,
     prepare,
     skipped_counts,
+    train_texts,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "option_names",
     "prepare",
     "skipped_counts",
+    "train_texts",
 ]

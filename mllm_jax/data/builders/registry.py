@@ -13,7 +13,7 @@ needs the same options that built the data, as they decide its directory (see ``
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mllm_jax.data.builders import easy_vqa, easy_vqa_captions, interleaved, llava_json
@@ -111,3 +111,16 @@ def load_samples(dataset_name: str, data_dir: str, split: str, **options: Any) -
     return SampleSource(
         records=builder.as_data_source(split=split), to_sample=_entry(dataset_name).to_sample
     )
+
+
+def train_texts(dataset_names: Sequence[str], data_dir: str) -> Iterator[str]:
+    """One text per train sample of each prepared dataset: its turns joined by spaces, led by a
+    space (the tokenizer's training corpus).
+
+    The leading space makes words start with the word-boundary mark, as they do when the
+    templates encode a turn after a separator (so " yes" is one piece, not "y" "es").
+    """
+    for name in dataset_names:
+        source = load_samples(name, data_dir, "train")
+        for index in range(len(source)):
+            yield " " + " ".join(turn.text for turn in source[index].turns)

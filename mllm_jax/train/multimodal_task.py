@@ -1,0 +1,118 @@
+"""The pieces a MultimodalLM training stage hands to ``trainer.train``: loss and data stream."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from mllm_jax.data.builders import SampleSource
+from mllm_jax.data.images import ImagePreprocessing
+from mllm_jax.data.packing import PackingSpec
+from mllm_jax.data.pipeline import (
+    BatchStream,
+    PipelineOptions,
+    SampleProcessor,
+    ToSampleBySource,
+    make_mixed_packed_dataset,
+)
+from mllm_jax.data.tokenizer import Tokenizer
+from mllm_jax.models.decoder_lm import DecoderLM
+from mllm_jax.models.multimodal_lm import MultimodalLM
+from mllm_jax.train.losses import cross_entropy_loss
+from mllm_jax.train.step import SumLossFn
+
+
+def multimodal_loss_fn(model: MultimodalLM) -> SumLossFn:
+    """``(params, batch, rng) -> (loss_sum, num_targets)`` of next-token prediction on a
+    multimodal batch of the contract (``data/batch.py``); ``rng`` drives adapter dropout."""
+
+    def loss_fn(params: Any, batch: dict, rng: jax.Array):
+        logits = model.apply(
+            {"params": params},
+            batch["tokens"],
+            segment_ids=batch["segment_ids"],
+            positions=batch["positions"],
+            images=batch["images"],
+            image_slot=batch["image_slot"],
+            image_patch=batch["image_patch"],
+            rngs={"dropout": rng},
+        )
+        return cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+
+    return loss_fn
+
+
+def text_loss_fn(model: DecoderLM) -> SumLossFn:
+    """The same for a text-only decoder on the text fields of the contract."""
+
+    def loss_fn(params: Any, batch: dict, rng: jax.Array):
+        logits = model.apply(
+            {"params": params},
+            batch["tokens"],
+            segment_ids=batch["segment_ids"],
+            positions=batch["positions"],
+            rngs={"dropout": rng},
+        )
+        return cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+
+    return loss_fn
+
+
+def make_stream(
+    sources: Sequence[SampleSource],
+    weights: Sequence[float],
+    tokenizer: Tokenizer,
+    *,
+    template: str,
+    system_prompt: str,
+    spec: PackingSpec,
+    options: PipelineOptions,
+    text_only: bool = False,
+) -> BatchStream:
+    """An endless, resumable stream of packed batches drawn from ``sources`` by ``weights``.
+
+    Each process reads its own shard (``jax.process_index()``) and yields its share of the
+    global batch (``options.batch_size`` is per process). ``text_only`` drops the image fields
+    (for a text decoder; the sources must then hold no images).
+    """
+    processor = SampleProcessor(
+        ToSampleBySource([s.to_sample for s in sources]),
+        tokenizer,
+        template=template,
+        spec=spec,
+        preprocessing=ImagePreprocessing(size=spec.image_size),
+        system_prompt=system_prompt,
+    )
+    dataset = make_mixed_packed_dataset(
+        [s.records for s in sources],
+        weights,
+        processor,
+        options,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return _TextOnly(BatchStream(dataset)) if text_only else BatchStream(dataset)
+
+
+class _TextOnly:
+    """A BatchStream without the image fields."""
+
+    IMAGE_KEYS = ("images", "image_mask", "image_slot", "image_patch")
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.stream)
+        return {k: v for k, v in batch.items() if k not in self.IMAGE_KEYS}
+
+    def get_state(self) -> dict:
+        return self.stream.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.stream.set_state(state)
