@@ -1,4 +1,8 @@
-"""Command line: ``python -m mllm_jax.train --config configs/base.py:size=tiny --workdir DIR``.
+"""Command line: ``python -m mllm_jax.train --config CONFIG --workdir DIR``.
+
+  --config configs/base.py:size=tiny        the text decoder on the stdlib docstrings
+  --config configs/llava_vce.py             the LLaVA + VCE + Dual-LoRA recipe (all stages)
+  --config configs/llava_vce.py:stage=stage2   one stage of it (see configs/llava_vce.py)
 
 Any config field can be overridden, e.g. ``--config.model.num_layers=2``.
 """
@@ -20,10 +24,15 @@ def main(argv):
     # Must happen before the first device query initialises the CPU backend.
     if FLAGS.config.mesh.get("num_cpu_devices"):
         jax.config.update("jax_num_cpu_devices", FLAGS.config.mesh.num_cpu_devices)
-    from mllm_jax.train.loop import train_and_evaluate
-
     logging.info("config:\n%s", FLAGS.config)
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.config.get("recipe") == "llava_vce":
+        from mllm_jax.recipes.llava_demo import run
+
+        run(FLAGS.config, FLAGS.workdir)
+    else:
+        from mllm_jax.train.loop import train_and_evaluate
+
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,18 @@ def batch_counts(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
 
 
 def _global_batch(batch: Mapping[str, np.ndarray], batch_sharding: NamedSharding) -> dict:
+    ways = math.prod(
+        batch_sharding.mesh.shape[axis]
+        for entry in batch_sharding.spec[:1]
+        for axis in ((entry,) if isinstance(entry, str) else entry or ())
+    )
+    for key, value in batch.items():
+        if (np.shape(value)[0] * jax.process_count()) % ways:
+            raise ValueError(
+                f"batch[{key!r}] has {np.shape(value)[0]} rows per process, which the "
+                f"{ways}-way batch sharding {batch_sharding.spec} cannot split evenly; make the "
+                "global batch size a multiple of the data-parallel mesh size"
+            )
     return {
         key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
         for key, value in batch.items()

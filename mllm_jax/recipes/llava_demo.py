@@ -1,0 +1,211 @@
+"""The main job end to end: prepare data, train stages 0-2, evaluate, write ``results.json``.
+
+``run(config, workdir)`` runs ``config.stage`` ("all" or one stage name, see
+``configs/llava_vce.py``). With "all", a training stage whose final checkpoint already exists is
+not trained again, and an interrupted stage resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mllm_jax.data import builders
+from mllm_jax.data.tokenizer import Tokenizer, train_tokenizer
+from mllm_jax.models.saved_model import save_model
+from mllm_jax.recipes import llava_models, llava_stages
+from mllm_jax.train import checkpoint as checkpoint_lib
+from mllm_jax.train import evaluate_vqa
+from mllm_jax.train.param_groups import tree_bytes
+from mllm_jax.train.summary_table import format_key_values, format_table
+
+DATASETS = ("easy_vqa", "easy_vqa_captions", "multi_image")
+TRAINING_STAGES = ("stage0_vision", "stage0_lm", "stage1", "stage2")
+WALL_START_ENV = "MLLM_JAX_WALL_START"  # epoch seconds the caller (make demo) started at
+
+
+def prepare(config: Any) -> dict:
+    """Builds the datasets and trains the tokenizer into ``config.data.data_dir`` if absent."""
+    tfds.disable_progress_bar()
+    sizes = {}
+    for name in DATASETS:
+        sizes[name] = builders.prepare(
+            name, config.data.data_dir, **llava_stages.data_options(config, name)
+        )
+        logging.info("%s: %s", name, sizes[name])
+    path = llava_stages.tokenizer_path(config)
+    if not path.exists():
+        texts = builders.train_texts(
+            DATASETS, config.data.data_dir
+        ) if config.data.max_examples is None else _capped_texts(config)  # fmt: skip
+        train_tokenizer(texts, str(path.with_suffix("")), config.data.tokenizer_vocab_size)
+    tokenizer = Tokenizer.load(path)
+    logging.info("tokenizer %s: %d ids", path, tokenizer.vocab_size)
+    return sizes
+
+
+def _capped_texts(config: Any):
+    for name in DATASETS:
+        source = llava_stages.load_source(config, name, "train")
+        for index in range(len(source)):
+            yield " " + " ".join(turn.text for turn in source[index].turns)
+
+
+def _stage_finished(config: Any, workdir: pathlib.Path, stage: str) -> bool:
+    checkpoints = llava_stages.stage_dir(workdir, stage) / "checkpoints"
+    return (checkpoints / str(config[stage].num_steps) / "trainable").exists()
+
+
+def _directory_bytes(path: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
+    """Scores the stage-2 model on the test splits and writes ``workdir/results.json``."""
+    tokenizer = llava_stages.load_tokenizer(config)
+    mm_config = llava_models.multimodal_config(config, with_adapter=True)
+    stage2_dir = llava_stages.stage_dir(workdir, "stage2")
+    params = checkpoint_lib.load_trained_params(stage2_dir)
+    kwargs = llava_stages._eval_kwargs(config)
+    limit = config.evaluate.test_examples
+
+    eval_started = time.perf_counter()
+    test = llava_stages.easy_vqa_test_examples(config, limit)
+    result = evaluate_vqa.evaluate_vqa(mm_config, params, tokenizer, test, **kwargs)
+    blind = evaluate_vqa.evaluate_vqa(
+        mm_config, params, tokenizer, test, zero_images=True, **kwargs
+    )
+    per_image = mm_config.tokens_per_image
+    multi = evaluate_vqa.document_examples(
+        llava_stages.load_source(config, "multi_image", "test"), tokenizer,
+        tokens_per_image=per_image, limit=limit,
+    )  # fmt: skip
+    multi_result = evaluate_vqa.evaluate_vqa(mm_config, params, tokenizer, multi, **kwargs)
+    eval_seconds = time.perf_counter() - eval_started
+
+    model_dir = workdir / "model"
+    save_model(model_dir, mm_config, params, str(llava_stages.tokenizer_path(config)))
+    latest = max(int(p.name) for p in (stage2_dir / "checkpoints").iterdir() if p.name.isdigit())
+    trainable_dir = stage2_dir / "checkpoints" / str(latest) / "trainable"
+    stage2_history = evaluate_vqa_history(stage2_dir)
+    results = {
+        "easy_vqa_test_accuracy": result.accuracy,
+        "per_type": result.per_type,
+        "multi_image_accuracy": multi_result.accuracy,
+        "multi_image_per_type": multi_result.per_type,
+        "vision_blind_accuracy": blind.accuracy,
+        "vision_blind_per_type": blind.per_type,
+        "test_questions": result.count,
+        "multi_image_questions": multi_result.count,
+        "trainable_params": stage2_history["trainable_params"],
+        "total_params": stage2_history["total_params"],
+        "adapter_checkpoint_bytes": _directory_bytes(trainable_dir),
+        "trainable_bytes": tree_bytes(_trainable_subset(params)),
+        "checkpoint_step_bytes": _directory_bytes(trainable_dir.parent),
+        "eval_seconds": eval_seconds,
+        "wall_seconds": time.time() - started,
+        "paths": {
+            "checkpoints": str(stage2_dir / "checkpoints"),
+            "base_params": str(stage2_dir / "base_params"),
+            "tensorboard": str(workdir),
+            "plots": [str(p) for p in sorted(workdir.glob("*/plots/*.png"))],
+            "model": str(model_dir),
+        },
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    _print_report(results, test, result, workdir)
+    return results
+
+
+def _trainable_subset(params: dict) -> dict:
+    from flax import traverse_util
+
+    from mllm_jax.layers.lora_params import is_adapter_param
+
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {k: v for k, v in flat.items() if is_adapter_param(k) or k.startswith("projector/")}
+
+
+def evaluate_vqa_history(stage_dir: pathlib.Path) -> dict:
+    """Parameter counts of a finished stage, from its ``summary.json``."""
+    return json.loads((stage_dir / "summary.json").read_text())
+
+
+def _print_report(results: dict, test: list, result, workdir: pathlib.Path) -> None:
+    rows = [{"split": "easy-VQA test", "questions": results["test_questions"],
+             "accuracy": results["easy_vqa_test_accuracy"],
+             **results["per_type"]},
+            {"split": "vision-blind control", "questions": results["test_questions"],
+             "accuracy": results["vision_blind_accuracy"], **results["vision_blind_per_type"]},
+            {"split": "multi-image test", "questions": results["multi_image_questions"],
+             "accuracy": results["multi_image_accuracy"]}]  # fmt: skip
+    print("\n" + format_table(rows), flush=True)
+    examples_dir = workdir / "examples"
+    examples_dir.mkdir(exist_ok=True)
+    shown = []
+    rng = np.random.default_rng(0)
+    for index in rng.choice(len(test), size=min(6, len(test)), replace=False):
+        example, prediction = test[int(index)], result.predictions[int(index)]
+        image_path = examples_dir / (example.id.replace("/", "_") + ".png")
+        image_path.write_bytes(example.images[0])
+        shown.append({"image": str(image_path), "question": example.question,
+                      "answer": example.answer, "model": prediction})  # fmt: skip
+    print("\n" + format_table(shown), flush=True)
+    print(
+        "\n"
+        + format_key_values(
+            {
+                "results": str(workdir / "results.json"),
+                "adapter checkpoints": results["paths"]["checkpoints"],
+                "base weights": results["paths"]["base_params"],
+                "TensorBoard": f"tensorboard --logdir {workdir}",
+                "plots": str(workdir / "*/plots"),
+                "saved model": results["paths"]["model"],
+                "wall seconds": results["wall_seconds"],
+            },
+            title="where things are",
+        ),
+        flush=True,
+    )
+
+
+def run(config: Any, workdir: str | pathlib.Path) -> dict | None:
+    """Runs ``config.stage`` ("all" or one stage) in ``workdir``; the results if evaluated."""
+    started = float(os.environ.get(WALL_START_ENV, time.time()))
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    stages = (
+        ("prepare",) + TRAINING_STAGES + ("evaluate",) if config.stage == "all" else (config.stage,)
+    )
+    for stage in stages:
+        stage_started = time.perf_counter()
+        if stage == "prepare":
+            prepare(config)
+        elif stage == "evaluate":
+            return evaluate(config, workdir, started)
+        elif config.stage == "all" and _stage_finished(config, workdir, stage):
+            logging.info("%s: already finished, skipped", stage)
+        else:
+            result = llava_stages.train_stage(config, stage, workdir)
+            summary = {
+                "trainable_params": result.trainable_params,
+                "total_params": result.total_params,
+                "steps": result.step,
+                "seconds": time.perf_counter() - stage_started,
+            }
+            (llava_stages.stage_dir(workdir, stage) / "summary.json").write_text(
+                json.dumps(summary, indent=2)
+            )
+            if result.preempted:
+                logging.warning("%s stopped early at step %d; rerun to resume", stage, result.step)
+                return None
+        logging.info("%s took %.1f s", stage, time.perf_counter() - stage_started)
+    return None
