@@ -10,6 +10,7 @@ whose assistant turn the model writes, greedily or with temperature / top-p samp
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -194,11 +195,21 @@ def answer_questions(
     return answers
 
 
+PROMPT_FILE = "prompt.json"
+"""Saved-model file: {"template": ..., "system_prompt": ...} the model was trained with."""
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Directory written by models.saved_model.save_model.")
 flags.DEFINE_multi_string("image", [], "Image file(s) the question is about.")
 flags.DEFINE_string("question", None, "The question.")
-flags.DEFINE_string("template", "v1", "Chat template the model was trained with.")
+flags.DEFINE_string(
+    "template",
+    None,
+    "Chat template the model was trained with (default: the model's prompt.json, else v1).",
+)
+flags.DEFINE_string(
+    "system_prompt", None, "v1 system prompt (default: the model's prompt.json, else vicuna's)."
+)
 flags.DEFINE_integer("max_new_tokens", 32, "Longest answer.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
@@ -216,9 +227,18 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--image {path!r} does not exist")
         encoded.append(pathlib.Path(path).read_bytes())
     config, params, tokenizer_path = load_model(FLAGS.model_dir)
+    prompt = {"template": "v1", "system_prompt": V1_SYSTEM_PROMPT}
+    prompt_file = pathlib.Path(FLAGS.model_dir) / PROMPT_FILE
+    if prompt_file.exists():
+        prompt |= json.loads(prompt_file.read_text())
+    if FLAGS.template is not None:
+        prompt["template"] = FLAGS.template
+    if FLAGS.system_prompt is not None:
+        prompt["system_prompt"] = FLAGS.system_prompt
     (answer,) = answer_questions(
         config, params, Tokenizer.load(tokenizer_path), [encoded], [FLAGS.question],
-        template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens,
+        template=prompt["template"], system_prompt=prompt["system_prompt"],
+        max_new_tokens=FLAGS.max_new_tokens,
         temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
     )  # fmt: skip
     print(answer)

@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from mllm_jax.data import builders
 from mllm_jax.data.tokenizer import Tokenizer, train_tokenizer
+from mllm_jax.generate import PROMPT_FILE
 from mllm_jax.models.saved_model import save_model
 from mllm_jax.recipes import llava_models, llava_stages
 from mllm_jax.train import checkpoint as checkpoint_lib
@@ -92,6 +93,9 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
 
     model_dir = workdir / "model"
     save_model(model_dir, mm_config, params, str(llava_stages.tokenizer_path(config)))
+    (model_dir / PROMPT_FILE).write_text(
+        json.dumps({"template": config.data.template, "system_prompt": config.data.system_prompt})
+    )
     latest = max(int(p.name) for p in (stage2_dir / "checkpoints").iterdir() if p.name.isdigit())
     trainable_dir = stage2_dir / "checkpoints" / str(latest) / "trainable"
     stage2_history = evaluate_vqa_history(stage2_dir)
