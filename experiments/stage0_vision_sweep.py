@@ -6,8 +6,11 @@ prints zero-shot accuracy on the test split: 24-way (the whole caption), shape a
   XLA_FLAGS=--xla_force_host_platform_device_count=2 \
   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
   MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true \
-  .venv/bin/python experiments/stage0_vision_sweep.py --num_steps=400 --translate
+  .venv/bin/python experiments/stage0_vision_sweep.py --num_steps=800
 
+The defaults are the recommended recipe (ViT width 96, 4 blocks, 3 heads, MLP 384, patch 16,
+patch-mean pooling; batch 128, AdamW 1e-3, 800 steps, "mass" loss, flips + translations):
+zero-shot shape 0.984-0.985 and colour 1.0 on the 880 test images, ~0.14-0.17 s/step on 2 cores.
 The batch is split over a data-parallel mesh of all devices (2 host devices keep both cores of
 a small CPU busy); params and optimizer state are replicated. The last line printed is a JSON
 record of the flags and results, for sweep tables.
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -28,6 +33,7 @@ from mllm_jax import sharding
 from mllm_jax.data.builders import load_samples
 from mllm_jax.data.image_text import (
     ImageTextOptions,
+    ImageTextTable,
     load_image_text_table,
     make_image_text_dataset,
 )
@@ -46,21 +52,23 @@ flags.DEFINE_string("data_dir", "data", "Directory with the prepared easy_vqa_ca
 flags.DEFINE_string("tokenizer", "data/tokenizer.model", "Sentencepiece model for the captions.")
 flags.DEFINE_integer("image_size", 64, "Images are resized to this size.")
 flags.DEFINE_integer("patch_size", 16, "ViT patch size.")
-flags.DEFINE_integer("width", 128, "ViT width.")
+flags.DEFINE_integer("width", 96, "ViT width.")
 flags.DEFINE_integer("depth", 4, "ViT blocks.")
-flags.DEFINE_integer("heads", 4, "ViT attention heads.")
-flags.DEFINE_integer("mlp_dim", 512, "ViT MLP hidden width.")
+flags.DEFINE_integer("heads", 3, "ViT attention heads.")
+flags.DEFINE_integer(
+    "mlp_dim", 384, "ViT MLP width (at batch 128, 512 took 1.7x the step time of 384 on CPU)."
+)
 flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "Image embedding: patch mean or CLS.")
 flags.DEFINE_bool("cls_token", False, "Give the ViT a CLS token (needed by --pooling=cls).")
 flags.DEFINE_integer("embed_dim", 128, "Width of the shared embedding space.")
 flags.DEFINE_integer("text_width", 64, "Caption encoder width.")
 flags.DEFINE_integer("text_layers", 1, "Caption encoder blocks (0: bag of embeddings).")
 flags.DEFINE_float("logit_scale_init", 1 / 0.07, "Initial logit scale 1/τ.")
-flags.DEFINE_enum("loss_form", "supcon", list(MULTI_POSITIVE_FORMS), "Multi-positive form.")
-flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-flags.DEFINE_integer("num_steps", 400, "Train steps (the cosine schedule spans them).")
+flags.DEFINE_enum("loss_form", "mass", list(MULTI_POSITIVE_FORMS), "Multi-positive form.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_integer("num_steps", 800, "Train steps (the cosine schedule spans them).")
 flags.DEFINE_integer("warmup_steps", 20, "Linear warmup steps.")
-flags.DEFINE_float("learning_rate", 2e-3, "Peak AdamW learning rate.")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak AdamW learning rate.")
 flags.DEFINE_float("weight_decay", 0.05, "Decoupled weight decay on matrices.")
 flags.DEFINE_float("end_lr_fraction", 0.05, "Final learning rate as a fraction of the peak.")
 flags.DEFINE_bool("flip", True, "Random left-right flips.")
@@ -68,6 +76,10 @@ flags.DEFINE_bool("translate", True, "Random object translations on the backgrou
 flags.DEFINE_integer("seed", 0, "Init, data order and augmentation seed.")
 flags.DEFINE_integer("eval_every", 0, "Also evaluate every this many steps (0: only at the end).")
 flags.DEFINE_integer("log_every", 50, "Log the mean train loss every this many steps.")
+flags.DEFINE_list(
+    "probe_layers", [], "ViT hidden states (CLIP indices) to linear-probe for shape and colour."
+)
+flags.DEFINE_string("params_out", None, "Write the trained ViT params (msgpack) to this file.")
 
 
 def build_model(vocab_size: int) -> CLIPModel:
@@ -93,6 +105,57 @@ def build_model(vocab_size: int) -> CLIPModel:
             logit_scale_init=FLAGS.logit_scale_init,
         )
     )
+
+
+def linear_probe(
+    model: CLIPModel,
+    params: Any,
+    train: ImageTextTable,
+    test: ImageTextTable,
+    layers: list[int],
+    attributes: dict[str, list[str]],
+) -> dict[str, dict[str, float]]:
+    """Test accuracy of ridge classifiers on frozen ViT features, per layer and attribute.
+
+    Features: the patch tokens of a hidden state, mean-pooled ("mean") or concatenated in grid
+    order ("tokens", closer to what a projector + LM sees). Classifiers are fit in closed form
+    on the train split.
+    """
+    hidden_of = jax.jit(
+        lambda p, x: model.apply(
+            {"params": p}, x, method=lambda m, x: m.vision(x, tuple(layers), drop_cls=True)
+        )
+    )
+
+    def features(table):
+        chunks = [hidden_of(params, table.images[i : i + 256]) for i in range(0, len(table), 256)]
+        return [np.concatenate([np.asarray(c[k]) for c in chunks]) for k in range(len(layers))]
+
+    def ridge_accuracy(x_train, y_train, x_test, y_test, num_classes):
+        mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+        gram = x_train.T @ x_train + 1e-3 * len(x_train) * np.eye(x_train.shape[1])
+        weights = np.linalg.solve(gram, x_train.T @ np.eye(num_classes)[y_train])
+        return float(np.mean(np.argmax(x_test @ weights, axis=1) == y_test))
+
+    results = {}
+    for layer, train_hidden, test_hidden in zip(
+        layers, features(train), features(test), strict=True
+    ):
+        for pooling, pool in (
+            ("mean", lambda h: h.mean(1)),
+            ("tokens", lambda h: h.reshape(len(h), -1)),
+        ):
+            scores = {}
+            for name, values in attributes.items():
+                classes = sorted(set(values))
+                class_of = np.array([classes.index(v) for v in values])
+                scores[name] = ridge_accuracy(
+                    pool(train_hidden), class_of[train.labels], pool(test_hidden),
+                    class_of[test.labels], len(classes),
+                )  # fmt: skip
+            results[f"layer{layer}/{pooling}"] = scores
+    return results
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -176,28 +239,38 @@ def main(argv):
         )  # fmt: skip
 
     setup_seconds = time.perf_counter() - start - data_seconds
-    losses, step_seconds, eval_seconds = [], [], 0.0
-    train_start = time.perf_counter()
+    losses, pending, eval_seconds = [], [], 0.0
+    train_start = interval_start = time.perf_counter()
     for step in range(FLAGS.num_steps):
         batch = jax.device_put(next(batches), batch_sharding)
-        tick = time.perf_counter()
         with sharding.mesh_context(mesh, rules):
             state, metrics = train_step(state, batch, step_rng)
-        losses.append(float(metrics["loss"]))
-        step_seconds.append(time.perf_counter() - tick)
-        check_finite(metrics, step)
-        if (step + 1) % FLAGS.log_every == 0:
+        if step == 0:  # compiles; timed apart from the others
+            check_finite(metrics, step)
+            losses.append(float(metrics["loss"]))
+            first_step_seconds = time.perf_counter() - train_start
+            interval_start = time.perf_counter()
+            continue
+        pending.append(metrics)
+        # Metrics are read once per log interval, so the host dispatches ahead of the devices.
+        if (step + 1) % FLAGS.log_every == 0 or step + 1 == FLAGS.num_steps:
+            for offset, step_metrics in enumerate(pending):
+                check_finite(step_metrics, step + 1 - len(pending) + offset)
+                losses.append(float(step_metrics["loss"]))
             logging.info(
                 "step %d loss %.4f (%.3f s/step)",
                 step + 1,
-                np.mean(losses[-FLAGS.log_every :]),
-                np.median(step_seconds[-FLAGS.log_every :]),
+                np.mean(losses[-len(pending) :]),
+                (time.perf_counter() - interval_start) / len(pending),
             )
+            pending = []
+            interval_start = time.perf_counter()
         if FLAGS.eval_every and (step + 1) % FLAGS.eval_every == 0:
             tick = time.perf_counter()
             params = grouped.combine(state.trainable, state.frozen)
             logging.info("step %d test %s", step + 1, evaluate(params, test))
             eval_seconds += time.perf_counter() - tick
+            interval_start += time.perf_counter() - tick
     train_seconds = time.perf_counter() - train_start - eval_seconds
 
     params = grouped.combine(state.trainable, state.frozen)
@@ -205,8 +278,9 @@ def main(argv):
         "flags": {name: FLAGS[name].value for name in FLAGS_USED},
         "vit_params": int(num_params),
         "steps": FLAGS.num_steps,
-        "s_per_step": float(np.median(step_seconds[1:])),
-        "first_step_seconds": round(step_seconds[0], 1),
+        # Everything after the first (compiling) step: data, transfer, update.
+        "s_per_step": (train_seconds - first_step_seconds) / max(1, FLAGS.num_steps - 1),
+        "first_step_seconds": round(first_step_seconds, 1),
         "setup_seconds": round(setup_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "data_seconds": round(data_seconds, 1),
@@ -215,6 +289,12 @@ def main(argv):
         "test": evaluate(params, test),
         "train": evaluate(params, train),
     }
+    if FLAGS.probe_layers:
+        layers = [int(i) for i in FLAGS.probe_layers]
+        result["probe"] = linear_probe(model, params, train, test, layers, attributes)
+    if FLAGS.params_out:
+        with open(FLAGS.params_out, "wb") as file:
+            file.write(flax.serialization.to_bytes(jax.device_get(params["vision"])))
     print(json.dumps(result))
 
 

@@ -82,10 +82,13 @@ class ImageTextTable:
       labels: [N] int32 index into ``classes``.
       backgrounds: [N, 3] float32 background colour; boxes: [N, 4] int32 object box
         (top, bottom, left, right), see ``background_and_box``.
+      class_tokens: [K, L] int32 ids of each class caption; class_mask: [K, L] bool.
     """
 
     ids: tuple[str, ...]
     classes: tuple[str, ...]
+    class_tokens: np.ndarray
+    class_mask: np.ndarray
     images: np.ndarray
     tokens: np.ndarray
     text_mask: np.ndarray
@@ -107,9 +110,22 @@ class ImageTextTable:
         }
 
     def caption_batch(self) -> dict[str, np.ndarray]:
-        """The classes' captions as one batch: tokens [K, L], text_mask [K, L] (zero-shot)."""
-        first = [int(np.flatnonzero(self.labels == k)[0]) for k in range(len(self.classes))]
-        return {"tokens": self.tokens[first], "text_mask": self.text_mask[first]}
+        """The class captions as one batch (zero-shot candidates): tokens, text_mask [K, L]."""
+        return {"tokens": self.class_tokens, "text_mask": self.class_mask}
+
+
+def _tokenize(tokenizer: Any, caption: str, max_text_len: int, record_id: str) -> np.ndarray:
+    """[max_text_len] int32 caption ids padded with 0; BadRecordError if they do not fit."""
+    ids = tokenizer.encode(caption)
+    if len(ids) > max_text_len:
+        raise BadRecordError(
+            record_id,
+            "caption",
+            f"{caption!r} is {len(ids)} tokens, more than max_text_len={max_text_len}",
+        )
+    padded = np.zeros((max_text_len,), np.int32)
+    padded[: len(ids)] = ids
+    return padded
 
 
 def load_image_text_table(
@@ -138,6 +154,8 @@ def load_image_text_table(
     samples = [source[i] for i in range(len(source))]
     captions = [sample_caption(s) for s in samples]
     classes = tuple(sorted(set(captions))) if classes is None else tuple(classes)
+    if not samples or not classes:
+        raise ValueError(f"no records ({len(samples)}) or no classes ({len(classes)}) to load")
     label_of = {caption: k for k, caption in enumerate(classes)}
     count = len(samples)
     tokens = np.zeros((count, max_text_len), np.int32)
@@ -151,20 +169,18 @@ def load_image_text_table(
             raise BadRecordError(
                 sample.id, "caption", f"{caption!r} is not one of the {len(classes)} classes"
             )
-        ids = tokenizer.encode(caption)
-        if len(ids) > max_text_len:
-            raise BadRecordError(
-                sample.id,
-                "caption",
-                f"{caption!r} is {len(ids)} tokens, more than max_text_len={max_text_len}",
-            )
-        tokens[i, : len(ids)] = ids
+        tokens[i] = _tokenize(tokenizer, caption, max_text_len, sample.id)
         labels[i] = label_of[caption]
         images[i] = preprocessing(sample.images[0], sample.id, "images[0]")
         backgrounds[i], boxes[i] = background_and_box(images[i])
+    class_tokens = np.stack(
+        [_tokenize(tokenizer, c, max_text_len, f"classes[{k}]") for k, c in enumerate(classes)]
+    )
     return ImageTextTable(
         ids=tuple(s.id for s in samples),
         classes=classes,
+        class_tokens=class_tokens,
+        class_mask=class_tokens != 0,
         images=images,
         tokens=tokens,
         text_mask=tokens != 0,

@@ -76,8 +76,21 @@ def test_table_labels_are_indices_of_sorted_distinct_captions(table):
     assert table.classes == ("a blue bar", "a blue square", "a red bar", "a red square")
     for i in range(len(table)):
         assert table.classes[table.labels[i]] == _shape_image(i)[1]
+        np.testing.assert_array_equal(table.tokens[i], table.class_tokens[table.labels[i]])
+
+
+def test_given_classes_fix_the_labels_and_candidate_captions():
+    tokenizer = WordTokenizer()
+    source = SampleSource(records=[_record(i) for i in range(4)], to_sample=to_sample)
+    classes = ("a red square", "a green circle", "a red bar", "a blue square", "a blue bar")
+    table = load_image_text_table(source, tokenizer, ImagePreprocessing(size=SIZE),
+                                  classes=classes)  # fmt: skip
+    assert table.classes == classes
+    assert [classes[k] for k in table.labels] == [_shape_image(i)[1] for i in range(4)]
     captions = table.caption_batch()
-    assert captions["tokens"].shape == (4, 8)
+    assert captions["tokens"].shape == (5, 8)
+    # "a green circle" has no image here, and is still a candidate with its own tokens.
+    np.testing.assert_array_equal(captions["tokens"][1, :3], tokenizer.encode("a green circle"))
     np.testing.assert_array_equal(captions["text_mask"].sum(axis=1), 3)
 
 
@@ -97,19 +110,21 @@ def test_batches_follow_the_contract(table):
 
 
 def test_shuffle_is_seeded_and_every_record_appears_once_per_epoch(table):
-    options = ImageTextOptions(batch_size=5, seed=3, num_epochs=1, prefetch_batches=0)
-    epoch = _take(iter(make_image_text_dataset(table, options)), 4)
-    again = _take(iter(make_image_text_dataset(table, options)), 4)
-    images = np.concatenate([b["images"] for b in epoch])
-    for a, b in zip(epoch, again, strict=True):
+    options = ImageTextOptions(batch_size=5, seed=3, num_epochs=2, prefetch_batches=0)
+    batches = _take(iter(make_image_text_dataset(table, options)), 8)
+    again = _take(iter(make_image_text_dataset(table, options)), 8)
+    for a, b in zip(batches, again, strict=True):
         np.testing.assert_array_equal(a["images"], b["images"])
-    # Each table image exactly once, in a shuffled order.
-    matches = [
-        int(np.flatnonzero((table.images == image).all(axis=(1, 2, 3)))[0]) for image in images
-    ]
-    assert sorted(matches) == list(range(20)) and matches != list(range(20))
+
+    def table_rows(epoch_batches):
+        images = np.concatenate([b["images"] for b in epoch_batches])
+        return [int(np.flatnonzero((table.images == x).all(axis=(1, 2, 3)))[0]) for x in images]
+
+    first, second = table_rows(batches[:4]), table_rows(batches[4:])
+    assert sorted(first) == sorted(second) == list(range(20))
+    assert first != list(range(20)) and second != first  # shuffled, and reshuffled per epoch
     other = next(iter(make_image_text_dataset(table, ImageTextOptions(batch_size=5, seed=4))))
-    assert not np.array_equal(other["images"], epoch[0]["images"])
+    assert not np.array_equal(other["images"], batches[0]["images"])
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
