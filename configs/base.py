@@ -56,8 +56,11 @@ SIZES = {
 # mesh axes are still free in that array wins, a later rule for the same name is a fallback, and
 # a name without a usable rule is replicated (see mllm_jax/sharding.py).
 LOGICAL_AXIS_RULES = [
-    # Activations.
+    # Activations. MoE expert buffers [B, E, C, D] put experts on `expert` first; their batch
+    # dimension then falls back to (data, fsdp), so moving tokens to experts is an all-to-all.
+    ("act_exp", "expert"),
     ("act_batch", ("data", "fsdp", "expert")),
+    ("act_batch", ("data", "fsdp")),
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -74,12 +77,14 @@ LOGICAL_AXIS_RULES = [
     ("norm", None),
     ("layers", None),
     ("expert", "expert"),
+    ("exp", "expert"),  # MoE expert kernels [exp, embed, mlp] and the router's expert dim
     # Vision tower and VCE: small tables, replicated.
     ("patch", None),
     ("position", None),
     ("sampling", None),
     ("level_embed", None),
     ("lora_rank", None),
+    ("lora_expert", None),  # LoRA-MoE adapters: small, replicated
 ]
 
 

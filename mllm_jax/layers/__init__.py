@@ -27,6 +27,7 @@ from mllm_jax.layers.masks import (
     prefix_mask_ar,
 )
 from mllm_jax.layers.mlp import MLP
+from mllm_jax.layers.moe import MoEConfig, MoEFeedForward, summarize_moe
 from mllm_jax.layers.norms import LayerNorm, RMSNorm, make_norm
 from mllm_jax.layers.projectors import Linear, MLPProjector
 from mllm_jax.layers.rope import apply_rope
@@ -52,6 +53,9 @@ __all__ = [
     "split_adapter_params",
     "unmerge_lora",
     "MLP",
+    "MoEConfig",
+    "MoEFeedForward",
+    "summarize_moe",
     "CrossAttention",
     "GatedCrossAttentionBlock",
     "Linear",
