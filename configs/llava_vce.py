@@ -82,6 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             multi_image_train_size=20_000,
             worker_count=0,
             prefetch_batches=2,
+            read_threads=1,  # threads reading + preprocessing samples (Grain's default is 16)
+            read_buffer_size=16,
         )
     )
 

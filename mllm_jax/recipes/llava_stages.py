@@ -119,6 +119,8 @@ def pipeline_options(config: Any, section: Any, stage: str, *, augment: bool) ->
         augment=augment,
         worker_count=config.data.worker_count,
         prefetch_batches=config.data.prefetch_batches,
+        read_threads=config.data.read_threads,
+        read_buffer_size=config.data.read_buffer_size,
     )
 
 
