@@ -42,6 +42,37 @@ EMBED_DIM = 1280
 NUM_CLASSES = 1000
 
 
+class DepthwiseConv(nn.Module):
+    """Per-channel k x k conv with symmetric padding, as a sum of k² shifted products.
+
+    Same result and ``kernel`` [k, k, 1, C] as ``nn.Conv(feature_group_count=C)``; XLA's CPU
+    grouped convolution was ~3x slower on MobileNetV2 than these elementwise products.
+    """
+
+    kernel_size: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """[N, H, W, C] -> [N, ceil(H / stride), ceil(W / stride), C]."""
+        k, s = self.kernel_size, self.stride
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (k, k, 1, x.shape[-1]), jnp.float32
+        )
+        pad = (k - 1) // 2
+        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        height = (x.shape[1] + 2 * pad - k) // s + 1
+        width = (x.shape[2] + 2 * pad - k) // s + 1
+        out = jnp.zeros((x.shape[0], height, width, x.shape[-1]), x.dtype)
+        for i in range(k):
+            for j in range(k):
+                window = padded[
+                    :, i : i + s * (height - 1) + 1 : s, j : j + s * (width - 1) + 1 : s
+                ]
+                out = out + window * kernel[i, j, 0]
+        return out
+
+
 class ConvBN(nn.Module):
     """Conv (no bias, symmetric padding) -> inference BatchNorm -> optional ReLU6."""
 
@@ -55,15 +86,18 @@ class ConvBN(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """[N, H, W, C] -> [N, H / stride, W / stride, features]."""
         pad = (self.kernel_size - 1) // 2
-        x = nn.Conv(
-            self.features,
-            (self.kernel_size, self.kernel_size),
-            strides=self.stride,
-            padding=((pad, pad), (pad, pad)),
-            feature_group_count=self.groups,
-            use_bias=False,
-            name="conv",
-        )(x)
+        if self.groups > 1 and self.groups == self.features == x.shape[-1]:
+            x = DepthwiseConv(self.kernel_size, self.stride, name="conv")(x)
+        else:
+            x = nn.Conv(
+                self.features,
+                (self.kernel_size, self.kernel_size),
+                strides=self.stride,
+                padding=((pad, pad), (pad, pad)),
+                feature_group_count=self.groups,
+                use_bias=False,
+                name="conv",
+            )(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=1e-5, name="bn")(x)
         return jnp.clip(x, 0.0, 6.0) if self.relu6 else x
 
