@@ -3,6 +3,8 @@
   --config configs/base.py:size=tiny        the text decoder on the stdlib docstrings
   --config configs/llava_vce.py             the LLaVA + VCE + Dual-LoRA recipe (all stages)
   --config configs/llava_vce.py:stage=stage2   one stage of it (see configs/llava_vce.py)
+  --config configs/metalm_text.py           METALM causal / prefix / semi-causal, language
+  --config configs/metalm_vl.py             the same on easy-VQA (zero-shot and fine-tuned)
 
 Any config field can be overridden, e.g. ``--config.model.num_layers=2``.
 """
@@ -29,6 +31,10 @@ def main(argv):
         from mllm_jax.recipes.llava_demo import run
 
         run(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.config.get("recipe") == "metalm":
+        from mllm_jax.recipes.metalm import run as run_metalm
+
+        run_metalm(FLAGS.config, FLAGS.workdir)
     else:
         from mllm_jax.train.loop import train_and_evaluate
 
