@@ -80,9 +80,14 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
     eval_started = time.perf_counter()
     test = llava_stages.easy_vqa_test_examples(config, limit)
     result = evaluate_vqa.evaluate_vqa(mm_config, params, tokenizer, test, **kwargs)
+    blind_indices = spread_indices(len(test), config.evaluate.vision_blind_examples)
+    blind_test = [test[i] for i in blind_indices]
     blind = evaluate_vqa.evaluate_vqa(
-        mm_config, params, tokenizer, test, zero_images=True, **kwargs
+        mm_config, params, tokenizer, blind_test, zero_images=True, **kwargs
     )
+    # The model with its images on exactly the control's questions, for a like-for-like gap.
+    sighted_predictions = [result.predictions[i] for i in blind_indices]
+    sighted_accuracy, _ = evaluate_vqa.score(blind_test, sighted_predictions)
     per_image = mm_config.tokens_per_image
     multi = evaluate_vqa.document_examples(
         llava_stages.load_source(config, "multi_image", "test"), tokenizer,
@@ -106,6 +111,8 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
         "multi_image_per_type": multi_result.per_type,
         "vision_blind_accuracy": blind.accuracy,
         "vision_blind_per_type": blind.per_type,
+        "vision_blind_questions": blind.count,
+        "with_images_accuracy_on_vision_blind_questions": sighted_accuracy,
         "test_questions": result.count,
         "multi_image_questions": multi_result.count,
         "trainable_params": stage2_history["trainable_params"],
@@ -137,6 +144,16 @@ def _trainable_subset(params: dict) -> dict:
     return {k: v for k, v in flat.items() if is_adapter_param(k) or k.startswith("projector/")}
 
 
+def spread_indices(count: int, limit: int | None) -> list[int]:
+    """``limit`` indices evenly spaced over ``range(count)`` (all of them if ``limit`` is None):
+    every part of the split, so every image and question template, stays represented."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    if limit <= 0:
+        raise ValueError(f"evaluate.vision_blind_examples must be positive or None, got {limit}")
+    return [int(i) for i in np.linspace(0, count - 1, limit).round()]
+
+
 def evaluate_vqa_history(stage_dir: pathlib.Path) -> dict:
     """Parameter counts of a finished stage, from its ``summary.json``."""
     return json.loads((stage_dir / "summary.json").read_text())
@@ -146,7 +163,7 @@ def _print_report(results: dict, test: list, result, workdir: pathlib.Path) -> N
     rows = [{"split": "easy-VQA test", "questions": results["test_questions"],
              "accuracy": results["easy_vqa_test_accuracy"],
              **results["per_type"]},
-            {"split": "vision-blind control", "questions": results["test_questions"],
+            {"split": "vision-blind control", "questions": results["vision_blind_questions"],
              "accuracy": results["vision_blind_accuracy"], **results["vision_blind_per_type"]},
             {"split": "multi-image test", "questions": results["multi_image_questions"],
              "accuracy": results["multi_image_accuracy"]}]  # fmt: skip

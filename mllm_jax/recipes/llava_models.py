@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
+
 from mllm_jax.layers.lora import AdapterConfig
 from mllm_jax.layers.vce import VCEConfig
 from mllm_jax.layers.vit import ViTConfig
@@ -13,8 +15,18 @@ from mllm_jax.models.decoder_lm import DecoderLM, transformer_config_from
 from mllm_jax.models.multimodal_lm import MultimodalConfig
 
 
+def compute_dtypes(config: Any) -> dict[str, Any]:
+    """``model.dtype`` / ``model.param_dtype`` as jnp dtypes, for the ViT and the VCE as well
+    as the LM: ``dtype="bfloat16"`` computes in bfloat16 with float32 params (TPU's fast path)."""
+    names = {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
+    for key, name in names.items():
+        if name not in ("float32", "bfloat16"):
+            raise ValueError(f"model.{key}={name!r}; expected 'float32' or 'bfloat16'")
+    return {key: jnp.dtype(name) for key, name in names.items()}
+
+
 def vit_config(config: Any) -> ViTConfig:
-    """The vision tower: ``config.vision`` at ``config.data.image_size``."""
+    """The vision tower: ``config.vision`` at ``config.data.image_size``, in ``model.dtype``."""
     v = config.vision
     return ViTConfig(
         image_size=config.data.image_size,
@@ -24,6 +36,7 @@ def vit_config(config: Any) -> ViTConfig:
         num_heads=v.num_heads,
         mlp_dim=v.mlp_dim,
         use_cls_token=v.use_cls_token,
+        **compute_dtypes(config),
     )
 
 
@@ -45,6 +58,7 @@ def multimodal_config(config: Any, *, with_adapter: bool) -> MultimodalConfig:
             num_heads=c.num_heads,
             num_points=c.num_points,
             normalize_output=c.normalize_output,
+            **compute_dtypes(config),
         )
     return MultimodalConfig(
         vocab_size=config.model.vocab_size,
