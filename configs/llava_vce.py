@@ -213,9 +213,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             seq_len=128,
             max_images=4,
             warmup_steps=max(1, steps["stage2"] // 20),
-            adapter_learning_rate=2e-3,
-            projector_learning_rate=5e-4,
-            mixture=dict(easy_vqa=1.0, multi_image=0.25),
+            # Yes/no questions (comparing the question with the image) are learned last: at
+            # 2e-3 / 5e-4 they stayed at the language prior (0.83) through 300 steps.
+            adapter_learning_rate=4e-3,
+            projector_learning_rate=1e-3,
+            mixture=dict(easy_vqa=1.0, multi_image=0.1),
             eval_examples=size["eval_examples"],  # test questions scored at each periodic eval
         )
     )
