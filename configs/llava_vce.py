@@ -14,7 +14,10 @@ Stages (each reads the earlier stages' results from sibling directories of the w
 
 ``stage=all`` runs them in order, skipping a stage whose final checkpoint already exists.
 Sizes: ``size=demo`` (``make demo``: minutes on a 2-core CPU) and ``size=test`` (CI smoke runs
-on a few hundred records). Learning rates are scaled for these tiny models and short schedules:
+on a few hundred records). ``moe_experts=E`` (default 0: a dense LM) gives the LM sparse MoE
+feed-forwards in every other block (top-2, dropless, experts half as wide as the dense MLP; see
+``docs/moe.md``); they train with the LM in stage 0 and stay frozen afterwards.
+Learning rates are scaled for these tiny models and short schedules:
 the paper's LLaVA-scale values (projector 2e-5 / adapter 2e-4) barely move a width-128 model in
 a few hundred steps.
 """
@@ -57,7 +60,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_config_arg(arg, size="demo", stage="all")
+    args = parse_config_arg(arg, size="demo", stage="all", moe_experts=0)
     if args.size not in SIZES:
         raise ValueError(f"unknown size {args.size!r}; choose one of {sorted(SIZES)}")
     if args.stage != "all" and args.stage not in STAGES:
@@ -131,6 +134,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 alpha=32.0,
                 dropout=0.05,
                 targets=("query", "key", "value", "out", "wi_gate", "wi_up", "wo"),
+            ),
+            # num_experts=0: no MoE (model.moe is then ignored).
+            moe=dict(
+                num_experts=args.moe_experts,
+                top_k=2,
+                mode="dropless",
+                every=2,
+                expert_mlp_dim=3 * width // 2,
+                load_balance_weight=0.01,
+                z_loss_weight=1e-3,
             ),
         )
     )

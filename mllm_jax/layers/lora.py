@@ -1,4 +1,4 @@
-"""LoRA and Dual-LoRA adapters wrapped around a frozen ``Einsum`` projection (SPEC §3).
+"""LoRA, Dual-LoRA and LoRA-MoE adapters wrapped around a frozen ``Einsum`` projection (SPEC §3).
 
 Both wrappers share the wrapped layer's scope, so the base ``kernel`` keeps its name and path and
 the adapter params sit beside it (``query/kernel``, ``query/lora_a``, ``query/lora_b``).
@@ -14,15 +14,17 @@ import dataclasses
 import string
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from mllm_jax.layers.einsum import Einsum
 from mllm_jax.layers.norms import LayerNorm
 
-ADAPTER_KINDS = ("none", "lora", "dual_lora")
+ADAPTER_KINDS = ("none", "lora", "dual_lora", "lora_moe")
 PROJECTION_NAMES = ("query", "key", "value", "out", "wi_gate", "wi_up", "wi", "wo")
 LORA_RANK_AXIS = "lora_rank"
+LORA_EXPERT_AXIS = "lora_expert"
 # PyTorch's nn.LayerNorm default, as in the released Dual-LoRA code.
 DUAL_LORA_NORM_EPSILON = 1e-5
 
@@ -32,11 +34,14 @@ class AdapterConfig:
     """Which adapter wraps which projections.
 
     Attributes:
-      kind: "none" (plain projections), "lora" or "dual_lora".
-      rank: r, the adapter's inner width.
+      kind: "none" (plain projections), "lora", "dual_lora" or "lora_moe" (a mixture of
+        LoRA experts with a router per projection: the MoE baseline of the Dual-LoRA paper).
+      rank: r, the adapter's inner width (of each expert for LoRA-MoE).
       alpha: the update is scaled by ``scale = alpha / rank``.
-      dropout: dropout rate on the adapter input (LoRA) or skill branch (Dual-LoRA).
+      dropout: dropout rate on the adapter input (LoRA, LoRA-MoE) or skill branch (Dual-LoRA).
       targets: projection names to adapt, a subset of ``PROJECTION_NAMES``.
+      num_experts: LoRA experts per projection (LoRA-MoE only).
+      top_k: experts each token uses (LoRA-MoE only).
     """
 
     kind: str = "none"
@@ -44,6 +49,8 @@ class AdapterConfig:
     alpha: float = 64.0
     dropout: float = 0.05
     targets: tuple[str, ...] = ("query", "value")
+    num_experts: int = 4
+    top_k: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -62,6 +69,10 @@ class AdapterConfig:
             raise ValueError(f"adapter targets repeat a name: {self.targets}")
         if self.kind != "none" and not self.targets:
             raise ValueError(f"adapter kind {self.kind!r} needs at least one target")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"adapter top_k={self.top_k} must be in [1, num_experts={self.num_experts}]"
+            )
 
     @property
     def scale(self) -> float:
@@ -242,6 +253,90 @@ class DualLoRAEinsum(_AdapterBase):
         return h + (self.alpha / self.rank) * jnp.einsum(split.up, task * skill, up_kernel)
 
 
+class LoRAMoEEinsum(_AdapterBase):
+    """h = W0 x + s · Σ_e g_e(x) (Dropout(x) A_e) B_e around a wrapped ``Einsum``.
+
+    A mixture of ``num_experts`` LoRA experts with a float32 softmax router of its own; g(x) are
+    the router probabilities of the token's top-k experts renormalised over the k (zero for the
+    others). All experts' low-rank products are computed (E·r·(d_in + d_out) FLOPs per token,
+    small at LoRA ranks) and the gates select. Starts as the base layer (B_e = 0).
+
+    Parameters: ``lora_moe_router`` in_dims + (E,), N(0, 0.02); ``lora_moe_a`` (E,) + in_dims +
+    (r,), kaiming-uniform; ``lora_moe_b`` (E, r) + out_dims, zeros. Logical axes: the kernel's
+    names, ``lora_expert`` and ``lora_rank``.
+    """
+
+    num_experts: int = 4
+    top_k: int = 2
+
+    @nn.compact
+    def __call__(self, equation: str, x: jnp.ndarray) -> jnp.ndarray:
+        """Same contract as ``Einsum``: ``einsum(equation, x, kernel)`` plus the update."""
+        base = self.wrapped
+        h = base(equation, x)
+        split = low_rank_einsum(equation, len(base.shape))
+        x_spec, rest = split.down.split(",")
+        in_and_rank, kept_and_rank = rest.split("->")
+        rank, in_letters, kept = in_and_rank[-1], in_and_rank[:-1], kept_and_rank[:-1]
+        out_letters, out_spec = split.up.split(",")[1][1:].split("->")
+        expert = next(c for c in string.ascii_letters if c not in equation + rank)
+        in_axes, out_axes = base.logical_axes[: split.num_in], base.logical_axes[split.num_in :]
+        in_shape, out_shape = tuple(base.shape[: split.num_in]), tuple(base.shape[split.num_in :])
+
+        router = self.param(
+            "lora_moe_router",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), in_axes + (LORA_EXPERT_AXIS,)
+            ),
+            in_shape + (self.num_experts,),
+            base.param_dtype,
+        )
+        down = self.param(
+            "lora_moe_a",
+            nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(
+                    1.0 / 3.0,
+                    "fan_in",
+                    "uniform",
+                    in_axis=tuple(range(1, split.num_in + 1)),
+                    out_axis=-1,
+                    batch_axis=(0,),
+                ),
+                (LORA_EXPERT_AXIS,) + in_axes + (LORA_RANK_AXIS,),
+            ),
+            (self.num_experts,) + in_shape + (self.rank,),
+            base.param_dtype,
+        ).astype(base.dtype)
+        up = self.param(
+            "lora_moe_b",
+            nn.with_logical_partitioning(
+                nn.initializers.zeros, (LORA_EXPERT_AXIS, LORA_RANK_AXIS) + out_axes
+            ),
+            (self.num_experts, self.rank) + out_shape,
+            base.param_dtype,
+        ).astype(base.dtype)
+
+        logits = jnp.einsum(
+            f"{x_spec},{in_letters}{expert}->{kept}{expert}",
+            x.astype(jnp.float32),
+            router.astype(jnp.float32),
+        )
+        probs = jax.nn.softmax(logits, axis=-1)
+        top, chosen = jax.lax.top_k(probs, self.top_k)
+        gates = jnp.sum(
+            jax.nn.one_hot(chosen, self.num_experts)
+            * (top / top.sum(-1, keepdims=True))[..., None],
+            axis=-2,
+        )  # [..., E]: renormalised top-k probabilities, zero elsewhere
+        x = self._dropout(x.astype(base.dtype))
+        low = jnp.einsum(f"{x_spec},{expert}{in_letters}{rank}->{kept}{expert}{rank}", x, down)
+        low = low * gates[..., None].astype(low.dtype)
+        update = jnp.einsum(
+            f"{kept}{expert}{rank},{expert}{rank}{out_letters}->{out_spec}", low, up
+        )
+        return h + (self.alpha / self.rank) * update
+
+
 def make_projection(
     name: str,
     *,
@@ -253,7 +348,7 @@ def make_projection(
     param_dtype: DTypeLike = jnp.float32,
     adapter: AdapterConfig,
 ) -> nn.Module:
-    """An ``Einsum`` named ``name``, wrapped in LoRA / Dual-LoRA if ``adapter`` targets ``name``.
+    """An ``Einsum`` named ``name``, wrapped in an adapter if ``adapter`` targets ``name``.
 
     Call the result as ``(equation, x)``. Its params live under ``name`` whatever the wrapper.
     """
@@ -268,7 +363,9 @@ def make_projection(
     )
     if not adapter.adapts(name):
         return base
-    wrapper = LoRAEinsum if adapter.kind == "lora" else DualLoRAEinsum
-    return wrapper(
+    common = dict(
         wrapped=base, rank=adapter.rank, alpha=adapter.alpha, dropout_rate=adapter.dropout
     )
+    if adapter.kind == "lora_moe":
+        return LoRAMoEEinsum(**common, num_experts=adapter.num_experts, top_k=adapter.top_k)
+    return (LoRAEinsum if adapter.kind == "lora" else DualLoRAEinsum)(**common)

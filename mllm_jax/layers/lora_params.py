@@ -19,8 +19,8 @@ from flax import traverse_util
 
 from mllm_jax.layers.lora import ADAPTER_KINDS, AdapterConfig
 
-ADAPTER_PARAM_REGEX = r"(^|/)(lora_a|lora_b|dual_lora_[a-z_]+)(/|$)"
-"""Matches the "/"-joined path of every LoRA / Dual-LoRA param, and no base param."""
+ADAPTER_PARAM_REGEX = r"(^|/)(lora_a|lora_b|dual_lora_[a-z_]+|lora_moe_[a-z_]+)(/|$)"
+"""Matches the "/"-joined path of every LoRA / Dual-LoRA / LoRA-MoE param, and no base param."""
 
 _ADAPTER_PARAM = re.compile(ADAPTER_PARAM_REGEX)
 _LORA_NAMES = ("lora_a", "lora_b")
@@ -83,6 +83,8 @@ def adapter_param_count(d_in: int, d_out: int, rank: int, kind: str) -> int:
     """Adapter params of one d_in -> d_out projection (SPEC §3).
 
     LoRA: r (d_in + d_out). Dual-LoRA: r (2 d_in + d_out) + 2r (W_A, W_T, W_B, then γ, β).
+    LoRA-MoE (4 experts, the ``AdapterConfig`` default): 4 r (d_in + d_out) + 4 d_in (router);
+    use ``lora_moe_param_count`` for another expert count.
     """
     if kind == "none":
         return 0
@@ -90,7 +92,14 @@ def adapter_param_count(d_in: int, d_out: int, rank: int, kind: str) -> int:
         return rank * (d_in + d_out)
     if kind == "dual_lora":
         return rank * (2 * d_in + d_out) + 2 * rank
+    if kind == "lora_moe":
+        return lora_moe_param_count(d_in, d_out, rank, AdapterConfig().num_experts)
     raise ValueError(f"adapter kind {kind!r} is not one of {ADAPTER_KINDS}")
+
+
+def lora_moe_param_count(d_in: int, d_out: int, rank: int, num_experts: int) -> int:
+    """LoRA-MoE params of one d_in -> d_out projection: E r (d_in + d_out) + d_in E."""
+    return num_experts * rank * (d_in + d_out) + d_in * num_experts
 
 
 def _scaled_update(

@@ -13,6 +13,7 @@ from mllm_jax.layers.attention import MultiHeadAttention
 from mllm_jax.layers.cross_attention import GatedCrossAttentionBlock
 from mllm_jax.layers.lora import AdapterConfig
 from mllm_jax.layers.mlp import MLP
+from mllm_jax.layers.moe import MOE_COLLECTION, MoEConfig, MoEFeedForward
 from mllm_jax.layers.norms import make_norm
 
 REMAT_POLICIES = {
@@ -34,6 +35,8 @@ class TransformerConfig:
     ``adapter`` puts LoRA / Dual-LoRA on the attention and MLP projections it targets.
     ``cross_attention_every`` > 0 inserts a gated cross-attention block (Flamingo) before
     blocks 0, k, 2k, ... (unrolled stacks only). ``decode`` keeps a KV cache for generation.
+    ``moe`` replaces the dense MLP of blocks 0, every, 2·every, ... by a sparse MoE feed-forward
+    (scanned stacks with ``moe.every`` > 1 scan groups of ``every`` blocks).
     """
 
     num_layers: int
@@ -53,8 +56,14 @@ class TransformerConfig:
     adapter: AdapterConfig = AdapterConfig(kind="none")
     cross_attention_every: int = 0
     decode: bool = False
+    moe: MoEConfig | None = None
 
     def __post_init__(self):
+        if self.moe is not None and self.scan_layers and self.num_layers % self.moe.every:
+            raise ValueError(
+                f"moe.every={self.moe.every} must divide num_layers={self.num_layers} when the "
+                "layers are scanned (one scanned step is a group of `every` blocks)"
+            )
         if self.cross_attention_every < 0:
             raise ValueError(
                 f"cross_attention_every must be >= 0, got {self.cross_attention_every}"
@@ -79,12 +88,14 @@ class TransformerConfig:
 
 
 class TransformerBlock(nn.Module):
-    """x + Attn(Norm(x)), then + MLP(Norm(.)).
+    """x + Attn(Norm(x)), then + MLP(Norm(.)) (or + MoE(Norm(.)) when ``use_moe``).
 
     Returns ``(x, None)`` when ``config.scan_layers`` (the ``nn.scan`` carry convention), else x.
+    The MoE feed-forward's params live under ``moe`` instead of ``mlp``.
     """
 
     config: TransformerConfig
+    use_moe: bool = False
 
     def _norm(self, name: str) -> nn.Module:
         cfg = self.config
@@ -114,16 +125,53 @@ class TransformerBlock(nn.Module):
             name="attention",
         )(self._norm("pre_attention_norm")(x), mask, positions)
         x = x + attended
-        x = x + MLP(
-            hidden_dim=cfg.mlp_dim,
-            activation=cfg.mlp_activation,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            adapter=cfg.adapter,
-            name="mlp",
-        )(self._norm("pre_mlp_norm")(x))
+        if self.use_moe:
+            feed_forward = MoEFeedForward(
+                config=cfg.moe,
+                hidden_dim=cfg.moe.expert_mlp_dim or cfg.mlp_dim,
+                activation=cfg.mlp_activation,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="moe",
+            )
+        else:
+            feed_forward = MLP(
+                hidden_dim=cfg.mlp_dim,
+                activation=cfg.mlp_activation,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                adapter=cfg.adapter,
+                name="mlp",
+            )
+        x = x + feed_forward(self._norm("pre_mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         return (x, None) if cfg.scan_layers else x
+
+
+class TransformerBlockGroup(nn.Module):
+    """``moe.every`` consecutive blocks, the first with the MoE feed-forward: one scanned step.
+
+    Params ``block_0`` ... ``block_{every-1}``; returns ``(x, None)`` like a scanned block.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None, positions: jnp.ndarray):
+        """x [B, N, E], mask [B, 1, N, S] bool, positions [B, N]."""
+        block_cls = _maybe_remat(TransformerBlock, self.config)
+        for j in range(self.config.moe.every):
+            x, _ = block_cls(self.config, use_moe=j == 0, name=f"block_{j}")(x, mask, positions)
+        return x, None
+
+
+def _maybe_remat(block_cls: type[nn.Module], cfg: TransformerConfig) -> type[nn.Module]:
+    if cfg.remat_policy == "none":
+        return block_cls
+    # Under scan, CSE cannot merge the recomputation with the forward pass anyway.
+    return nn.remat(
+        block_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+    )
 
 
 class DecoderStack(nn.Module):
@@ -131,7 +179,9 @@ class DecoderStack(nn.Module):
 
     Parameter names: ``layers`` (one scanned block, leading ``layers`` axis) when
     ``scan_layers``, else ``layers_0`` ... ``layers_{L-1}``; ``cross_attention_{i}`` before
-    block i with cross-attention; then ``final_norm``.
+    block i with cross-attention; then ``final_norm``. A scanned stack with ``moe.every`` > 1
+    scans ``TransformerBlockGroup``s: ``layers/block_j`` with a leading axis of L / every.
+    MoE blocks sow their losses and metrics into the ``"moe"`` collection (scanned: stacked).
     """
 
     config: TransformerConfig
@@ -155,21 +205,24 @@ class DecoderStack(nn.Module):
                 f"cross_attention_every={cfg.cross_attention_every} but cross_inputs "
                 f"{'given' if cross_inputs is not None else 'missing'}"
             )
-        block_cls = TransformerBlock
-        policy = REMAT_POLICIES[cfg.remat_policy]
-        if cfg.remat_policy != "none":
-            # Under scan, CSE cannot merge the recomputation with the forward pass anyway.
-            block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+        block_cls = _maybe_remat(TransformerBlock, cfg)
+        moe_every = cfg.moe.every if cfg.moe is not None else 0
         if cfg.scan_layers:
+            grouped = moe_every > 1
             scanned = nn.scan(
-                block_cls,
-                variable_axes={"params": 0, "cache": 0},
+                TransformerBlockGroup if grouped else block_cls,
+                variable_axes={"params": 0, "cache": 0, MOE_COLLECTION: 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
+                length=cfg.num_layers // moe_every if grouped else cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(cfg, name="layers")(x, mask, positions)
+            step = (
+                scanned(cfg, name="layers")
+                if grouped
+                else scanned(cfg, moe_every == 1, name="layers")
+            )
+            x, _ = step(x, mask, positions)
         else:
             for i in range(cfg.num_layers):
                 if cfg.cross_attention_every and i % cfg.cross_attention_every == 0:
@@ -181,7 +234,8 @@ class DecoderStack(nn.Module):
                         param_dtype=cfg.param_dtype,
                         name=f"cross_attention_{i}",
                     )(x, cross_inputs, cross_mask)
-                x = block_cls(cfg, name=f"layers_{i}")(x, mask, positions)
+                use_moe = bool(moe_every) and i % moe_every == 0
+                x = block_cls(cfg, use_moe, name=f"layers_{i}")(x, mask, positions)
         return make_norm(
             cfg.norm,
             epsilon=cfg.norm_epsilon,
@@ -195,11 +249,14 @@ def unstack_scanned_layers(stack_params: dict, num_layers: int) -> dict:
     """Converts DecoderStack params from the scanned layout to the unrolled one.
 
     ``{"layers": tree with leading axis L, ...}`` -> ``{"layers_0": ..., "layers_{L-1}": ...}``;
-    other entries (``final_norm``) are kept. Useful to move checkpoints between TPU (scanned)
-    and CPU (unrolled, faster there) configurations.
+    other entries (``final_norm``) are kept. Scanned groups of ``every`` blocks (``layers/block_j``
+    with leading axis L / every) unstack to block ``g * every + j``. Useful to move checkpoints
+    between TPU (scanned) and CPU (unrolled, faster there) configurations.
     """
     params = dict(stack_params)
     scanned = params.pop("layers")
+    every = len([k for k in scanned if str(k).startswith("block_")])
     for i in range(num_layers):
-        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], scanned)
+        source, index = (scanned[f"block_{i % every}"], i // every) if every else (scanned, i)
+        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda a, n=index: a[n], source)
     return params

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -15,10 +16,11 @@ from mllm_jax.layers.masks import (
     make_attention_mask,
     positions_from_segment_ids,
 )
+from mllm_jax.layers.moe import MoEConfig
 from mllm_jax.layers.transformer import DecoderStack, TransformerConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_ADAPTER_KEYS = ("kind", "rank", "alpha", "dropout", "targets")
+_ADAPTER_KEYS = ("kind", "rank", "alpha", "dropout", "targets", "num_experts", "top_k")
 
 
 def _adapter_config_from(section: Any) -> AdapterConfig:
@@ -30,10 +32,23 @@ def _adapter_config_from(section: Any) -> AdapterConfig:
     return AdapterConfig(**fields)
 
 
+def _moe_config_from(section: Any) -> MoEConfig | None:
+    """MoEConfig from a ``model.moe`` section (fields of ``MoEConfig``); None if num_experts=0."""
+    fields = dict(section)
+    known = [f.name for f in dataclasses.fields(MoEConfig)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"model.moe has unknown keys {unknown}; expected {known}")
+    if fields.get("num_experts", 0) == 0:
+        return None
+    return MoEConfig(**fields)
+
+
 def transformer_config_from(model_config: Any) -> TransformerConfig:
     """Builds a TransformerConfig from the ``model`` section of an experiment config.
 
-    An optional ``model.adapter`` section configures LoRA / Dual-LoRA (absent: no adapter).
+    An optional ``model.adapter`` section configures LoRA / Dual-LoRA (absent: no adapter); an
+    optional ``model.moe`` section sparse MoE feed-forwards (absent or ``num_experts=0``: dense).
     """
     for key in ("dtype", "param_dtype"):
         if model_config[key] not in _DTYPES:
@@ -58,6 +73,7 @@ def transformer_config_from(model_config: Any) -> TransformerConfig:
             if "adapter" in model_config
             else AdapterConfig(kind="none")
         ),
+        moe=_moe_config_from(model_config.moe) if "moe" in model_config else None,
     )
 
 

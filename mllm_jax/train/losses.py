@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mllm_jax.layers.moe import MOE_COLLECTION, summarize_moe
 
 
 def cross_entropy_loss(
@@ -23,3 +28,17 @@ def cross_entropy_loss(
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     weights = loss_mask.astype(jnp.float32)
     return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def apply_with_moe_losses(
+    model: nn.Module, variables: Any, *args, **kwargs
+) -> tuple[Any, jnp.ndarray, dict[str, jnp.ndarray]]:
+    """``model.apply(variables, *args, **kwargs)`` that also collects what MoE layers sow.
+
+    Returns (the model's output, the weighted MoE auxiliary loss to add to the mean training
+    loss — load balance + router z-loss, float32 scalar, 0 without MoE layers — and the MoE
+    metrics of ``layers.moe.summarize_moe``, empty without MoE layers).
+    """
+    out, state = model.apply(variables, *args, mutable=[MOE_COLLECTION], **kwargs)
+    aux_loss, metrics = summarize_moe(state.get(MOE_COLLECTION, {}))
+    return out, aux_loss, metrics

@@ -20,16 +20,19 @@ from mllm_jax.data.pipeline import (
 from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.models.decoder_lm import DecoderLM
 from mllm_jax.models.multimodal_lm import MultimodalLM
-from mllm_jax.train.losses import cross_entropy_loss
+from mllm_jax.train.losses import apply_with_moe_losses, cross_entropy_loss
 from mllm_jax.train.step import SumLossFn
 
 
 def multimodal_loss_fn(model: MultimodalLM) -> SumLossFn:
-    """``(params, batch, rng) -> (loss_sum, num_targets)`` of next-token prediction on a
-    multimodal batch of the contract (``data/batch.py``); ``rng`` drives adapter dropout."""
+    """``(params, batch, rng) -> (loss_sum, num_targets, moe_metrics)`` of next-token prediction
+    on a multimodal batch of the contract (``data/batch.py``); ``rng`` drives adapter dropout.
+    With MoE layers in the LM, ``loss_sum`` includes their auxiliary loss times the target
+    count (so the step's mean loss is cross-entropy + aux loss)."""
 
     def loss_fn(params: Any, batch: dict, rng: jax.Array):
-        logits = model.apply(
+        logits, aux_loss, moe_metrics = apply_with_moe_losses(
+            model,
             {"params": params},
             batch["tokens"],
             segment_ids=batch["segment_ids"],
@@ -39,7 +42,7 @@ def multimodal_loss_fn(model: MultimodalLM) -> SumLossFn:
             image_patch=batch["image_patch"],
             rngs={"dropout": rng},
         )
-        return cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+        return _with_aux(logits, batch, aux_loss, moe_metrics)
 
     return loss_fn
 
@@ -48,16 +51,22 @@ def text_loss_fn(model: DecoderLM) -> SumLossFn:
     """The same for a text-only decoder on the text fields of the contract."""
 
     def loss_fn(params: Any, batch: dict, rng: jax.Array):
-        logits = model.apply(
+        logits, aux_loss, moe_metrics = apply_with_moe_losses(
+            model,
             {"params": params},
             batch["tokens"],
             segment_ids=batch["segment_ids"],
             positions=batch["positions"],
             rngs={"dropout": rng},
         )
-        return cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+        return _with_aux(logits, batch, aux_loss, moe_metrics)
 
     return loss_fn
+
+
+def _with_aux(logits, batch: dict, aux_loss, moe_metrics: dict):
+    loss_sum, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+    return loss_sum + aux_loss * count, count, moe_metrics
 
 
 def make_stream(

@@ -13,13 +13,13 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mllm_jax.sharding import LogicalRules
-from mllm_jax.train.losses import cross_entropy_loss
+from mllm_jax.train.losses import apply_with_moe_losses, cross_entropy_loss
 from mllm_jax.train.param_groups import GroupedOptimizer
 from mllm_jax.train.partition import combine_params
 from mllm_jax.train.state import GroupedTrainState, TrainState
 
 Batch = dict[str, jax.Array]
-SumLossFn = Callable[[Any, Batch, jax.Array], tuple[jnp.ndarray, jnp.ndarray]]
+SumLossFn = Callable[[Any, Batch, jax.Array], tuple]
 MAX_NAMED_PATHS = 20
 
 
@@ -41,20 +41,48 @@ def lm_loss(
     return loss_sum / jnp.maximum(count, 1.0), count
 
 
+def lm_objective(
+    model: nn.Module, params: Any, batch: Batch, rngs: dict | None = None
+) -> tuple[jnp.ndarray, jnp.ndarray, dict]:
+    """The training objective: ``lm_loss`` plus the weighted MoE auxiliary loss.
+
+    Returns (objective, target count, MoE metrics); without MoE layers the objective is
+    ``lm_loss`` and the metrics are empty.
+    """
+    logits, aux_loss, metrics = apply_with_moe_losses(
+        model,
+        {"params": params},
+        batch["tokens"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+        rngs=rngs,
+    )
+    loss_sum, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+    return loss_sum / jnp.maximum(count, 1.0) + aux_loss, count, metrics
+
+
 def make_train_step(
     model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """Returns the pure ``train_step(state, batch, rng) -> (state, metrics)``.
 
     The per-step key is ``fold_in(rng, state.step)``, so a restarted run draws the same noise.
+    ``loss`` is the objective of ``lm_objective`` (cross-entropy + MoE auxiliary loss); MoE
+    models add their ``moe/...`` metrics.
     """
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
 
-        (loss, count), grads = jax.value_and_grad(
-            lambda params: lm_loss(model, params, batch, rngs={"dropout": step_rng}), has_aux=True
-        )(state.params)
+        def objective(params):
+            loss, count, moe_metrics = lm_objective(
+                model, params, batch, rngs={"dropout": step_rng}
+            )
+            return loss, (count, moe_metrics)
+
+        (loss, (count, moe_metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -62,6 +90,7 @@ def make_train_step(
             "num_targets": count,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
+            **moe_metrics,
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -89,7 +118,9 @@ def make_grouped_train_step(
 
     ``loss_fn(params, batch, rng) -> (loss_sum, num_targets)`` returns sums (not a mean), so
     summing over ``accumulation_steps`` micro-batches of the [B, ...] batch (``lax.scan``) and
-    dividing once by the total target count equals one step on the whole batch. Gradients are
+    dividing once by the total target count equals one step on the whole batch. A loss_fn may
+    return a third element, a dict of scalar metrics (MoE load, drops): they are averaged over
+    the micro-batches and returned among the step's metrics. Gradients are
     taken w.r.t. ``state.trainable`` only and accumulated in the params' dtype; the loss in
     float32. Micro-batch i draws ``fold_in(fold_in(rng, step), i)``.
 
@@ -104,16 +135,21 @@ def make_grouped_train_step(
 
     def sums_and_grads(trainable, frozen, batch, rng):
         def loss_sum_of(trainable):
-            loss_sum, count = loss_fn(combine_params(trainable, frozen), batch, rng)
-            return loss_sum.astype(jnp.float32), count.astype(jnp.float32)
+            loss_sum, count, *extra = loss_fn(combine_params(trainable, frozen), batch, rng)
+            extra_metrics = extra[0] if extra else {}
+            return loss_sum.astype(jnp.float32), (count.astype(jnp.float32), extra_metrics)
 
-        (loss_sum, count), grads = jax.value_and_grad(loss_sum_of, has_aux=True)(trainable)
-        return loss_sum, count, grads
+        (loss_sum, (count, extra_metrics)), grads = jax.value_and_grad(loss_sum_of, has_aux=True)(
+            trainable
+        )
+        return loss_sum, count, grads, extra_metrics
 
     def step(state: GroupedTrainState, batch: Batch, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
         if accumulation_steps == 1:
-            loss_sum, count, grads = sums_and_grads(state.trainable, state.frozen, batch, step_rng)
+            loss_sum, count, grads, extra_metrics = sums_and_grads(
+                state.trainable, state.frozen, batch, step_rng
+            )
         else:
 
             def accumulate(carry, micro):
@@ -122,13 +158,12 @@ def make_grouped_train_step(
                 sums = sums_and_grads(state.trainable, state.frozen, micro_batch, micro_rng)
                 return jax.tree_util.tree_map(jnp.add, carry, sums), None
 
-            zeros = (
-                jnp.zeros((), jnp.float32),
-                jnp.zeros((), jnp.float32),
-                jax.tree_util.tree_map(jnp.zeros_like, state.trainable),
-            )
             micro = (jnp.arange(accumulation_steps), _micro_batches(batch, accumulation_steps))
-            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            first = jax.tree_util.tree_map(lambda x: x[0], micro[1])
+            shapes = jax.eval_shape(sums_and_grads, state.trainable, state.frozen, first, step_rng)
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (loss_sum, count, grads, extra_metrics), _ = jax.lax.scan(accumulate, zeros, micro)
+            extra_metrics = {k: v / accumulation_steps for k, v in extra_metrics.items()}
 
         denominator = jnp.maximum(count, 1.0)
         loss = loss_sum / denominator
@@ -151,6 +186,7 @@ def make_grouped_train_step(
             "grad_norm": optax.tree.norm(grads),
             "finite": finite,
             "grads_finite": grads_finite,
+            **extra_metrics,
         }
         for name, rate in grouped_optimizer.learning_rates(state.step).items():
             metrics[f"learning_rate/{name}"] = rate

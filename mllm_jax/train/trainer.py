@@ -405,6 +405,7 @@ def _log_record(
         "grad_norm": float(host["grad_norm"]),
     }
     record |= {k: float(v) for k, v in host.items() if k.startswith("learning_rate/")}
+    record |= {k: float(v) for k, v in host.items() if k.startswith("moe/")}
     seconds = float(np.sum(times))
     if seconds > 0:
         record["step_time_s"] = seconds / len(times)

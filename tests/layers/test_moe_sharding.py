@@ -42,30 +42,39 @@ def x():
 
 @pytest.fixture(scope="module")
 def boxed_params(x):
-    return jax.jit(_layer("dropless").init)(jax.random.key(0), x)["params"]
+    """Abstract params (logical boxes) for the shardings."""
+    return jax.eval_shape(_layer("dropless").init, jax.random.key(0), x)["params"]
 
 
 @pytest.fixture(scope="module")
-def unsharded(boxed_params, x):
-    params = sharding.strip_boxes(boxed_params)
+def params(boxed_params):
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray(0.4 * rng.normal(size=s.shape), s.dtype),
+        sharding.strip_boxes(boxed_params),
+    )
+
+
+@pytest.fixture(scope="module")
+def unsharded(params, x):
     return {mode: jax.jit(_loss_fn(_layer(mode)))(params, x) for mode in ("dropless", "capacity")}
 
 
 @pytest.mark.parametrize("mode", ["dropless", "capacity"])
 @pytest.mark.parametrize("experts_axis", [2, 4, 8])
 def test_expert_sharded_layer_equals_unsharded(
-    devices, boxed_params, x, unsharded, mode, experts_axis
+    devices, boxed_params, params, x, unsharded, mode, experts_axis
 ):
     mesh = sharding.create_mesh({"data": -1, "expert": experts_axis})
     shardings = sharding.logical_to_mesh_sharding(boxed_params, mesh, RULES)
     for name in ("wi_gate", "wi_up", "wo"):
         assert shardings[name].spec[0] == "expert", (name, shardings[name].spec)
-    params = jax.device_put(sharding.strip_boxes(boxed_params), shardings)
+    sharded_params = jax.device_put(params, shardings)
     x_sharded = jax.device_put(
         x, NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
     )
     with sharding.mesh_context(mesh, RULES):
-        (loss, (out, dropped)), grads = jax.jit(_loss_fn(_layer(mode)))(params, x_sharded)
+        (loss, (out, dropped)), grads = jax.jit(_loss_fn(_layer(mode)))(sharded_params, x_sharded)
     (want_loss, (want_out, want_dropped)), want_grads = unsharded[mode]
     assert grads["wo"].sharding.spec[0] == "expert"
     np.testing.assert_allclose(out, want_out, atol=ATOL, rtol=0)
