@@ -2,6 +2,7 @@
 
   easy_vqa              easy-VQA (image, question, answer) triples          easy_vqa.py
   easy_vqa_captions     easy-VQA images with label-derived captions         easy_vqa_captions.py
+  easy_vqa_grid         questions about one quadrant of a 2x2 easy-VQA grid easy_vqa_grid.py
   multi_image           questions over 2-3 easy-VQA images                  easy_vqa_interleaved.py
   few_shot              few-shot easy-VQA prompts                           easy_vqa_interleaved.py
   llava_json            LLaVA-style conversation JSON + image folder        llava_json.py

@@ -16,7 +16,13 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from mllm_jax.data.builders import easy_vqa, easy_vqa_captions, interleaved, llava_json
+from mllm_jax.data.builders import (
+    easy_vqa,
+    easy_vqa_captions,
+    easy_vqa_grid,
+    interleaved,
+    llava_json,
+)
 from mllm_jax.data.builders.builder_base import OfflineBuilder
 from mllm_jax.data.builders.easy_vqa_interleaved import EasyVqaFewShot, EasyVqaMultiImage
 from mllm_jax.data.sample import Sample
@@ -49,6 +55,7 @@ DATASETS: dict[str, DatasetEntry] = {
     "easy_vqa_captions": DatasetEntry(
         easy_vqa_captions.EasyVqaCaptions, easy_vqa_captions.to_sample
     ),
+    "easy_vqa_grid": DatasetEntry(easy_vqa_grid.EasyVqaGrid, easy_vqa.to_sample),
     "multi_image": DatasetEntry(EasyVqaMultiImage, interleaved.to_sample),
     "few_shot": DatasetEntry(EasyVqaFewShot, interleaved.to_sample),
     "llava_json": DatasetEntry(llava_json.LlavaJson, llava_json.to_sample, _llava_base_name),
