@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import pathlib
@@ -96,7 +97,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Logged ``loss`` is the mean train loss over the steps since the previous log line.
 
-    Writes ``config.json`` and ``metrics.jsonl`` (one JSON object per logged step) to workdir.
+    Writes ``config.json``, ``metrics.jsonl`` (one JSON object per logged step) and
+    ``results.json`` (``final_results``) to workdir.
     """
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
@@ -175,6 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             print(_format(record), flush=True)
             window_start, window_losses = time.perf_counter(), []
     metrics_file.close()
+    results = final_results(history, num_params=num_params)
+    (workdir_path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     first, last = history[0], history[-1]
     print(
         f"train loss {first['loss']:.3f} -> {last['loss']:.3f}; "
@@ -182,6 +186,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush=True,
     )
     return last
+
+
+def final_results(history: list[dict], *, num_params: int) -> dict:
+    """The run's summary: last logged train and eval loss, steps, params, mean step seconds.
+
+    ``step_seconds`` averages over the timed log windows (all but the first, which includes
+    compilation; evaluation runs outside the windows) and is absent if no window was timed.
+    """
+    last = history[-1]
+    results = {
+        "train_loss": last["loss"],
+        "eval_loss": last["eval_loss"],
+        "num_steps": last["step"],
+        "num_params": num_params,
+    }
+    windows = [
+        (record["step"] - previous["step"], record["steps_per_sec"])
+        for previous, record in itertools.pairwise(history)
+        if "steps_per_sec" in record
+    ]
+    if windows:
+        steps = sum(length for length, _ in windows)
+        results["step_seconds"] = sum(length / rate for length, rate in windows) / steps
+    return results
 
 
 def _format(record: dict) -> str:
