@@ -51,8 +51,12 @@ jemalloc:
 		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1; }; }; } || \
 		echo "note: libjemalloc2 not installed; XLA on CPU runs slower without it"
 
+# Two pytest-xdist workers: most tests are compile-bound and keep one core busy each; workers
+# share one XLA compilation cache (tests/conftest.py). Each worker peaks at ~7 GB.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(WEIGHTS)
-	$(RUN_ENV) $(PY) -m pytest -q
+	$(RUN_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

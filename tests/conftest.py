@@ -19,8 +19,14 @@ def devices():
 
 
 # One persistent XLA compilation cache per test session: tests that build the same program
-# (same model, shapes and mesh) compile it once.
-_CACHE_DIR = tempfile.mkdtemp(prefix="mllm_jax_xla_cache_")
+# (same model, shapes and mesh) compile it once. Under pytest-xdist (`make test` runs two
+# workers) the workers share it, so a module's fixtures compile once whichever worker runs it.
+_XDIST_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _XDIST_RUN:
+    _CACHE_DIR = os.path.join(tempfile.gettempdir(), f"mllm_jax_xla_cache_{_XDIST_RUN}")
+    os.makedirs(_CACHE_DIR, exist_ok=True)
+else:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="mllm_jax_xla_cache_")
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -6,6 +6,8 @@ logical-axis rules (``configs/base.py``). Tolerance: atol 1e-5 in float32.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +87,19 @@ def test_expert_sharded_layer_equals_unsharded(
     for path, want in jax.tree_util.tree_flatten_with_path(want_grads)[0]:
         have = dict(jax.tree_util.tree_flatten_with_path(grads)[0])[path]
         np.testing.assert_allclose(have, want, atol=ATOL, rtol=0, err_msg=str(path))
+
+
+def test_capacity_mode_moves_tokens_to_experts_with_all_to_all(devices, boxed_params, params, x):
+    """The [B, E, C, D] buffer constraint turns dispatch and combine into all-to-alls."""
+    mesh = sharding.create_mesh({"data": -1, "expert": 4})
+    sharded_params = jax.device_put(
+        params, sharding.logical_to_mesh_sharding(boxed_params, mesh, RULES)
+    )
+    x_sharded = jax.device_put(
+        x, NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
+    )
+    with sharding.mesh_context(mesh, RULES):
+        hlo = jax.jit(_loss_fn(_layer("capacity"))).lower(sharded_params, x_sharded)
+        hlo = hlo.compile().as_text()
+    # Forward dispatch and combine, and their transposes in the backward pass.
+    assert len(re.findall(r"\ball-to-all(?:-start)?\(", hlo)) >= 4
