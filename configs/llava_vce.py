@@ -20,6 +20,15 @@ feed-forwards in every other block (top-2, dropless, experts half as wide as the
 Learning rates are scaled for these tiny models and short schedules:
 the paper's LLaVA-scale values (projector 2e-5 / adapter 2e-4) barely move a width-128 model in
 a few hundred steps.
+
+Ablation knobs (defaults reproduce the demo):
+  --config.data.vqa_dataset=easy_vqa_grid    stage 2 and evaluate on the fine-detail grid set
+  --config.model.projector=mlp                LLaVA's MLP projector instead of VCE
+  --config.model.adapter.kind=lora            or dual_lora / lora_moe / none
+  --config.model.adapter.kind=none --config.stage2.train_lm=True   full fine-tuning of the LM
+  --config.reuse_stages_from=runs/base        take stage0_vision + stage0_lm (config.reuse_stages)
+                                              from a finished base run instead of training them
+  --config.seed=1                             every stage's init, data order and dropout
 """
 
 import ml_collections
@@ -72,6 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.recipe = "llava_vce"
     config.stage = args.stage
     config.seed = 0
+    # A finished run whose `reuse_stages` this run reads instead of training them ("": none).
+    # Stage 0 does not depend on the projector, adapter or VQA set, so one base serves sweeps
+    # over those; the base's seed, not this run's, then decides the reused stages.
+    config.reuse_stages_from = ""
+    config.reuse_stages = ("stage0_vision", "stage0_lm")
 
     config.data = ml_collections.ConfigDict(
         dict(
@@ -85,6 +99,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             system_prompt="",
             max_examples=size["max_examples"],  # cap per split (None: all); CI uses a few
             multi_image_train_size=20_000,
+            # The VQA set of stage 2 and evaluate ("vqa" in the stage-2 mixture): "easy_vqa" or
+            # "easy_vqa_grid" (2x2 grids of easy-VQA images at image_size, questions about one
+            # quadrant; built by `prepare` when used, grid_*_size questions per split).
+            vqa_dataset="easy_vqa",
+            grid_train_size=20_000,
+            grid_test_size=2_000,
             worker_count=0,
             prefetch_batches=2,
             read_threads=1,  # threads reading + preprocessing samples (Grain's default is 16)
@@ -205,7 +225,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             warmup_steps=max(1, steps["stage0_lm"] // 10),
             learning_rate=3e-3,
             # Training text: the easy-VQA conversations and the multi-image documents, images
-            # dropped and every token a target.
+            # dropped and every token a target. Named explicitly (not "vqa"), so stage 0 is the
+            # same whatever data.vqa_dataset is and can be reused across it.
             mixture=dict(easy_vqa=1.0, multi_image=0.3),
         )
     )
@@ -230,7 +251,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # 2e-3 / 5e-4 they stayed at the language prior (0.83) through 300 steps.
             adapter_learning_rate=4e-3,
             projector_learning_rate=1e-3,
-            mixture=dict(easy_vqa=1.0, multi_image=0.1),
+            # Full fine-tuning instead of an adapter: the whole LM trains at lm_learning_rate
+            # (needs model.adapter.kind="none"; untuned at this scale).
+            train_lm=False,
+            lm_learning_rate=5e-4,
+            # "vqa" is data.vqa_dataset; flips are off when its answers name positions.
+            mixture=dict(vqa=1.0, multi_image=0.1),
             eval_examples=size["eval_examples"],  # test questions scored at each periodic eval
         )
     )

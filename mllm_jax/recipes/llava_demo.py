@@ -2,7 +2,8 @@
 
 ``run(config, workdir)`` runs ``config.stage`` ("all" or one stage name, see
 ``configs/llava_vce.py``). With "all", a training stage whose final checkpoint already exists is
-not trained again, and an interrupted stage resumes from its latest checkpoint.
+not trained again, an interrupted stage resumes from its latest checkpoint, and the stages a
+config reuses from a base run (``llava_stage_dirs``) are read from there, never trained here.
 """
 
 from __future__ import annotations
@@ -21,47 +22,38 @@ from mllm_jax.data import builders
 from mllm_jax.data.tokenizer import Tokenizer, train_tokenizer
 from mllm_jax.generate import PROMPT_FILE
 from mllm_jax.models.saved_model import save_model
-from mllm_jax.recipes import llava_models, llava_stages
+from mllm_jax.recipes import llava_data, llava_models, llava_stage_dirs, llava_stages
 from mllm_jax.train import checkpoint as checkpoint_lib
 from mllm_jax.train import evaluate_vqa
-from mllm_jax.train.param_groups import tree_bytes
+from mllm_jax.train.param_groups import group_of, tree_bytes
 from mllm_jax.train.summary_table import format_key_values, format_table
 
-DATASETS = ("easy_vqa", "easy_vqa_captions", "multi_image")
 TRAINING_STAGES = ("stage0_vision", "stage0_lm", "stage1", "stage2")
 WALL_START_ENV = "MLLM_JAX_WALL_START"  # epoch seconds the caller (make demo) started at
 
 
 def prepare(config: Any) -> dict:
-    """Builds the datasets and trains the tokenizer into ``config.data.data_dir`` if absent."""
+    """Builds the datasets the config reads (``llava_data.prepared_datasets``) and trains the
+    tokenizer into ``config.data.data_dir``, each only if absent."""
     tfds.disable_progress_bar()
     sizes = {}
-    for name in DATASETS:
+    for name in llava_data.prepared_datasets(config):
         sizes[name] = builders.prepare(
-            name, config.data.data_dir, **llava_stages.data_options(config, name)
+            name, config.data.data_dir, **llava_data.data_options(config, name)
         )
         logging.info("%s: %s", name, sizes[name])
     path = llava_stages.tokenizer_path(config)
     if not path.exists():
-        texts = builders.train_texts(
-            DATASETS, config.data.data_dir
-        ) if config.data.max_examples is None else _capped_texts(config)  # fmt: skip
+        texts = llava_data.tokenizer_texts(config)
         train_tokenizer(texts, str(path.with_suffix("")), config.data.tokenizer_vocab_size)
     tokenizer = Tokenizer.load(path)
     logging.info("tokenizer %s: %d ids", path, tokenizer.vocab_size)
     return sizes
 
 
-def _capped_texts(config: Any):
-    for name in DATASETS:
-        source = llava_stages.load_source(config, name, "train")
-        for index in range(len(source)):
-            yield " " + " ".join(turn.text for turn in source[index].turns)
-
-
 def _stage_finished(config: Any, workdir: pathlib.Path, stage: str) -> bool:
-    checkpoints = llava_stages.stage_dir(workdir, stage) / "checkpoints"
-    return (checkpoints / str(config[stage].num_steps) / "trainable").exists()
+    directory = llava_stage_dirs.stage_dir(workdir, stage)
+    return llava_stage_dirs.final_checkpoint(config, directory, stage).exists()
 
 
 def _directory_bytes(path: pathlib.Path) -> int:
@@ -69,16 +61,21 @@ def _directory_bytes(path: pathlib.Path) -> int:
 
 
 def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
-    """Scores the stage-2 model on the test splits and writes ``workdir/results.json``."""
+    """Scores the stage-2 model on the test splits and writes ``workdir/results.json``.
+
+    ``vqa_test_accuracy`` is the accuracy on ``data.vqa_dataset`` (named by ``vqa_dataset``);
+    for the default easy-VQA it is also written as ``easy_vqa_test_accuracy``.
+    """
     tokenizer = llava_stages.load_tokenizer(config)
     mm_config = llava_models.multimodal_config(config, with_adapter=True)
-    stage2_dir = llava_stages.stage_dir(workdir, "stage2")
+    stage2_dir = llava_stage_dirs.stage_dir(workdir, "stage2")
     params = checkpoint_lib.load_trained_params(stage2_dir)
     kwargs = llava_stages._eval_kwargs(config)
     limit = config.evaluate.test_examples
 
     eval_started = time.perf_counter()
-    test = llava_stages.easy_vqa_test_examples(config, limit)
+    vqa_dataset = llava_data.vqa_dataset(config)
+    test = llava_data.vqa_test_examples(config, limit)
     result = evaluate_vqa.evaluate_vqa(mm_config, params, tokenizer, test, **kwargs)
     blind_indices = spread_indices(len(test), config.evaluate.vision_blind_examples)
     blind_test = [test[i] for i in blind_indices]
@@ -105,7 +102,9 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
     trainable_dir = stage2_dir / "checkpoints" / str(latest) / "trainable"
     stage2_history = evaluate_vqa_history(stage2_dir)
     results = {
-        "easy_vqa_test_accuracy": result.accuracy,
+        **({"easy_vqa_test_accuracy": result.accuracy} if vqa_dataset == "easy_vqa" else {}),
+        "vqa_dataset": vqa_dataset,
+        "vqa_test_accuracy": result.accuracy,
         "per_type": result.per_type,
         "multi_image_accuracy": multi_result.accuracy,
         "multi_image_per_type": multi_result.per_type,
@@ -118,7 +117,7 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
         "trainable_params": stage2_history["trainable_params"],
         "total_params": stage2_history["total_params"],
         "adapter_checkpoint_bytes": _directory_bytes(trainable_dir),
-        "trainable_bytes": tree_bytes(_trainable_subset(params)),
+        "trainable_bytes": tree_bytes(_trainable_subset(config, params)),
         "checkpoint_step_bytes": _directory_bytes(trainable_dir.parent),
         "eval_seconds": eval_seconds,
         "wall_seconds": time.time() - started,
@@ -128,6 +127,10 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
             "tensorboard": str(workdir),
             "plots": [str(p) for p in sorted(workdir.glob("*/plots/*.png"))],
             "model": str(model_dir),
+            "reused_stages": {
+                stage: str(llava_stage_dirs.results_dir(config, workdir, stage))
+                for stage in llava_stage_dirs.reused_stages(config)
+            },
         },
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
@@ -135,13 +138,12 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
     return results
 
 
-def _trainable_subset(params: dict) -> dict:
+def _trainable_subset(config: Any, params: dict) -> dict:
     from flax import traverse_util
 
-    from mllm_jax.layers.lora_params import is_adapter_param
-
+    groups = llava_stages.stage2_param_groups(config)
     flat = traverse_util.flatten_dict(params, sep="/")
-    return {k: v for k, v in flat.items() if is_adapter_param(k) or k.startswith("projector/")}
+    return {k: v for k, v in flat.items() if group_of(groups, k) is not None}
 
 
 def spread_indices(count: int, limit: int | None) -> list[int]:
@@ -160,8 +162,8 @@ def evaluate_vqa_history(stage_dir: pathlib.Path) -> dict:
 
 
 def _print_report(results: dict, test: list, result, workdir: pathlib.Path) -> None:
-    rows = [{"split": "easy-VQA test", "questions": results["test_questions"],
-             "accuracy": results["easy_vqa_test_accuracy"],
+    rows = [{"split": f"{results['vqa_dataset']} test", "questions": results["test_questions"],
+             "accuracy": results["vqa_test_accuracy"],
              **results["per_type"]},
             {"split": "vision-blind control", "questions": results["vision_blind_questions"],
              "accuracy": results["vision_blind_accuracy"], **results["vision_blind_per_type"]},
@@ -206,12 +208,21 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict | None:
     stages = (
         ("prepare",) + TRAINING_STAGES + ("evaluate",) if config.stage == "all" else (config.stage,)
     )
+    reused = llava_stage_dirs.reused_stages(config)
+    if config.stage in reused:
+        raise ValueError(
+            f"{config.stage} is reused from {config.reuse_stages_from!r} "
+            "(config.reuse_stages), so it is not trained in this workdir"
+        )
+    llava_stage_dirs.check_reused_stages(config)
     for stage in stages:
         stage_started = time.perf_counter()
         if stage == "prepare":
             prepare(config)
         elif stage == "evaluate":
             return evaluate(config, workdir, started)
+        elif stage in reused:
+            logging.info("%s: reused from %s", stage, config.reuse_stages_from)
         elif config.stage == "all" and _stage_finished(config, workdir, stage):
             logging.info("%s: already finished, skipped", stage)
         else:
@@ -222,7 +233,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict | None:
                 "steps": result.step,
                 "seconds": time.perf_counter() - stage_started,
             }
-            (llava_stages.stage_dir(workdir, stage) / "summary.json").write_text(
+            (llava_stage_dirs.stage_dir(workdir, stage) / "summary.json").write_text(
                 json.dumps(summary, indent=2)
             )
             if result.preempted:

@@ -1,12 +1,17 @@
 """The LLaVA + VCE + Dual-LoRA recipe's training stages as ``trainer.TrainTask``s.
 
 Every stage trains in ``<workdir>/<stage name>/`` and reads the stages before it from their
-sibling directories (``checkpoint.load_trained_params``):
+sibling directories, or from a base run's (``llava_stage_dirs``):
 
   stage0_vision  CLIPModel (ViT + text tower)           all params          captions
   stage0_lm      DecoderLM                              all params          VQA + document text
   stage1         MultimodalLM, no adapters              projector (VCE)     captions
   stage2         MultimodalLM + Dual-LoRA               adapters, projector VQA + multi-image docs
+
+Stage 2 alternatives: ``model.adapter.kind`` picks the adapter ("none" for no adapter), and
+``stage2.train_lm`` (with ``model.adapter.kind="none"``) fine-tunes the whole LM at
+``stage2.lm_learning_rate`` instead. Each stage's initialization, data order and dropout follow
+``stage_seed(config, stage)``, which ``config.seed`` changes for every stage.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from mllm_jax.data.pipeline import PipelineOptions
 from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.layers.lora_params import ADAPTER_PARAM_REGEX
 from mllm_jax.models.multimodal_lm import MultimodalLM
-from mllm_jax.recipes import llava_models
+from mllm_jax.recipes import llava_data, llava_models
+from mllm_jax.recipes.llava_data import load_source
+from mllm_jax.recipes.llava_stage_dirs import check_predecessors, results_dir, stage_dir
 from mllm_jax.recipes.text_samples import text_only
 from mllm_jax.train import checkpoint as checkpoint_lib
 from mllm_jax.train import evaluate_vqa
@@ -36,11 +43,14 @@ from mllm_jax.train.pretrained import nest_under
 from mllm_jax.train.trainer import TrainResult, TrainTask, train
 
 PROJECTOR_PATTERN = r"^projector/"
+LM_PATTERN = r"^lm/"
 STAGE_SEEDS = {"stage0_vision": 0, "stage0_lm": 1, "stage1": 2, "stage2": 3}
 
 
-def stage_dir(workdir: str | pathlib.Path, name: str) -> pathlib.Path:
-    return pathlib.Path(workdir) / name
+def stage_seed(config: Any, stage: str) -> int:
+    """The seed of ``stage``'s init, data order and dropout: distinct per stage and
+    ``config.seed``."""
+    return config.seed * 100 + STAGE_SEEDS[stage]
 
 
 def tokenizer_path(config: Any) -> pathlib.Path:
@@ -57,22 +67,6 @@ def load_tokenizer(config: Any) -> Tokenizer:
             f"model.vocab_size is {config.model.vocab_size}"
         )
     return tokenizer
-
-
-def data_options(config: Any, dataset: str) -> dict:
-    """The build options of ``dataset`` (they decide its directory: prepare and load agree)."""
-    options = {}
-    if config.data.max_examples is not None:
-        options["max_examples"] = int(config.data.max_examples)
-    if dataset == "multi_image":
-        options["train_size"] = int(config.data.multi_image_train_size)
-    return options
-
-
-def load_source(config: Any, dataset: str, split: str) -> builders.SampleSource:
-    return builders.load_samples(
-        dataset, config.data.data_dir, split, **data_options(config, dataset)
-    )
 
 
 def mesh_and_rules(config: Any):
@@ -115,7 +109,7 @@ def packing_spec(config: Any, section: Any, tokenizer: Tokenizer, max_images: in
 def pipeline_options(config: Any, section: Any, stage: str, *, augment: bool) -> PipelineOptions:
     return PipelineOptions(
         batch_size=per_process(section.batch_size),
-        seed=config.seed * 100 + STAGE_SEEDS[stage],
+        seed=stage_seed(config, stage),
         augment=augment,
         worker_count=config.data.worker_count,
         prefetch_batches=config.data.prefetch_batches,
@@ -128,22 +122,39 @@ def config_json(config: Any) -> dict:
     return config.to_dict()
 
 
+def train_stream(config: Any, stage: str, tokenizer: Tokenizer):
+    """The packed training batches of ``stage0_lm``, ``stage1`` or ``stage2``, each stage's
+    mixture in its proportions: text alone for stage0_lm, left-right flipped images for the
+    others (not in stage 2 when its VQA answers name positions)."""
+    section = config[stage]
+    if stage == "stage0_lm":
+        pairs = llava_data.mixture(section, config)
+        sources = [text_only(load_source(config, name, "train")) for name, _ in pairs]
+        max_images, augment = 1, False
+    elif stage == "stage1":
+        pairs = [("easy_vqa_captions", 1.0)]
+        sources = [load_source(config, "easy_vqa_captions", "train")]
+        max_images, augment = section.max_images, True
+    elif stage == "stage2":
+        pairs = llava_data.mixture(section, config)
+        sources = [load_source(config, name, "train") for name, _ in pairs]
+        max_images, augment = section.max_images, llava_data.flips_allowed(config)
+    else:
+        raise ValueError(f"{stage!r} has no packed training stream")
+    return make_stream(
+        sources, [weight for _, weight in pairs], tokenizer,
+        template=config.data.template, system_prompt=config.data.system_prompt,
+        spec=packing_spec(config, section, tokenizer, max_images=max_images),
+        options=pipeline_options(config, section, stage, augment=augment),
+        text_only=stage == "stage0_lm",
+    )  # fmt: skip
+
+
 def stage0_lm_task(config: Any, tokenizer: Tokenizer) -> TrainTask:
     """Next-token pretraining of the decoder on the training text (images removed)."""
     section = config.stage0_lm
     model = llava_models.text_decoder(config)
     example = jnp.zeros((1, section.seq_len), jnp.int32)
-    mixture = dict(section.mixture)
-
-    def make_train_stream():
-        sources = [text_only(load_source(config, name, "train")) for name in mixture]
-        return make_stream(
-            sources, list(mixture.values()), tokenizer,
-            template=config.data.template, system_prompt=config.data.system_prompt,
-            spec=packing_spec(config, section, tokenizer, max_images=1),
-            options=pipeline_options(config, section, "stage0_lm", augment=False),
-            text_only=True,
-        )  # fmt: skip
 
     return TrainTask(
         name="stage0_lm",
@@ -152,7 +163,7 @@ def stage0_lm_task(config: Any, tokenizer: Tokenizer) -> TrainTask:
         ],
         loss_fn=text_loss_fn(model),
         param_groups=[ParamGroup(name="lm", patterns=(".",), learning_rate=section.learning_rate)],
-        make_train_stream=make_train_stream,
+        make_train_stream=lambda: train_stream(config, "stage0_lm", tokenizer),
         config=config_json(config),
     )
 
@@ -198,18 +209,12 @@ def stage1_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
     mm_config = llava_models.multimodal_config(config, with_adapter=False)
     model = MultimodalLM(mm_config)
     spec = packing_spec(config, section, tokenizer, max_images=section.max_images)
-    vision = checkpoint_lib.load_trained_params(stage_dir(workdir, "stage0_vision"))["vision"]
-    lm = checkpoint_lib.load_trained_params(stage_dir(workdir, "stage0_lm"))
+    vision_dir = results_dir(config, workdir, "stage0_vision")
+    vision = checkpoint_lib.load_trained_params(vision_dir)["vision"]
+    lm = checkpoint_lib.load_trained_params(results_dir(config, workdir, "stage0_lm"))
     test_captions = caption_examples(
         load_source(config, "easy_vqa_captions", "test"), config.stage2.eval_examples
     )
-
-    def make_train_stream():
-        return make_stream(
-            [load_source(config, "easy_vqa_captions", "train")], [1.0], tokenizer,
-            template=config.data.template, system_prompt=config.data.system_prompt, spec=spec,
-            options=pipeline_options(config, section, "stage1", augment=True),
-        )  # fmt: skip
 
     def evaluate(params):
         result = evaluate_vqa.evaluate_vqa(
@@ -228,7 +233,7 @@ def stage1_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
                 learning_rate=section.projector_learning_rate,
             )
         ],
-        make_train_stream=make_train_stream,
+        make_train_stream=lambda: train_stream(config, "stage1", tokenizer),
         pretrained={"vision": vision} | nest_under("lm", lm),
         evaluate=evaluate,
         config=config_json(config),
@@ -244,27 +249,47 @@ def _eval_kwargs(config: Any) -> dict:
     )
 
 
-def easy_vqa_test_examples(config: Any, limit: int | None) -> list:
-    source = load_source(config, "easy_vqa", "test")
-    return evaluate_vqa.easy_vqa_examples(source.records, builders.easy_vqa.ANSWERS, limit)
+def stage2_param_groups(config: Any) -> list[ParamGroup]:
+    """What stage 2 trains: the projector, and the adapters (``model.adapter.kind`` other than
+    "none") or, with ``stage2.train_lm``, the whole LM; the vision tower stays frozen.
+
+    Raises:
+      ValueError: ``stage2.train_lm`` with an adapter (the LM's own weights would train under
+        the adapter's).
+    """
+    section = config.stage2
+    projector = ParamGroup(
+        name="projector", patterns=(PROJECTOR_PATTERN,),
+        learning_rate=section.projector_learning_rate,
+    )  # fmt: skip
+    adapter_kind = config.model.adapter.kind
+    if section.train_lm:
+        if adapter_kind != "none":
+            raise ValueError(
+                f"stage2.train_lm fine-tunes the whole LM; set model.adapter.kind='none' "
+                f"(it is {adapter_kind!r})"
+            )
+        lm = ParamGroup(name="lm", patterns=(LM_PATTERN,), learning_rate=section.lm_learning_rate)
+        return [lm, projector]
+    if adapter_kind == "none":
+        return [projector]
+    adapter = ParamGroup(
+        name="adapter", patterns=(ADAPTER_PARAM_REGEX,),
+        learning_rate=section.adapter_learning_rate,
+    )  # fmt: skip
+    return [adapter, projector]
 
 
 def stage2_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> TrainTask:
-    """Visual instruction tuning: Dual-LoRA + projector on VQA mixed with multi-image documents."""
+    """Visual instruction tuning (``stage2_param_groups``) on ``data.vqa_dataset`` mixed with
+    multi-image documents."""
     section = config.stage2
     mm_config = llava_models.multimodal_config(config, with_adapter=True)
     model = MultimodalLM(mm_config)
     spec = packing_spec(config, section, tokenizer, max_images=section.max_images)
-    stage1 = checkpoint_lib.load_trained_params(stage_dir(workdir, "stage1"))
-    mixture = dict(section.mixture)
-    eval_examples = easy_vqa_test_examples(config, section.eval_examples)
-
-    def make_train_stream():
-        return make_stream(
-            [load_source(config, name, "train") for name in mixture], list(mixture.values()),
-            tokenizer, template=config.data.template, system_prompt=config.data.system_prompt,
-            spec=spec, options=pipeline_options(config, section, "stage2", augment=True),
-        )  # fmt: skip
+    param_groups = stage2_param_groups(config)
+    stage1 = checkpoint_lib.load_trained_params(results_dir(config, workdir, "stage1"))
+    eval_examples = llava_data.vqa_test_examples(config, section.eval_examples)
 
     def evaluate(params):
         result = evaluate_vqa.evaluate_vqa(
@@ -276,19 +301,8 @@ def stage2_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
         name="stage2",
         init_params=_multimodal_init(model, spec),
         loss_fn=multimodal_loss_fn(model),
-        param_groups=[
-            ParamGroup(
-                name="adapter",
-                patterns=(ADAPTER_PARAM_REGEX,),
-                learning_rate=section.adapter_learning_rate,
-            ),
-            ParamGroup(
-                name="projector",
-                patterns=(PROJECTOR_PATTERN,),
-                learning_rate=section.projector_learning_rate,
-            ),
-        ],
-        make_train_stream=make_train_stream,
+        param_groups=param_groups,
+        make_train_stream=lambda: train_stream(config, "stage2", tokenizer),
         pretrained=stage1,
         evaluate=evaluate,
         adapter=llava_models.adapter_config(config),
@@ -306,7 +320,7 @@ def run_task(config: Any, task: TrainTask, section: Any, workdir: pathlib.Path) 
         mesh=mesh,
         rules=rules,
         workdir=stage_dir(workdir, task.name),
-        seed=config.seed * 100 + STAGE_SEEDS[task.name],
+        seed=stage_seed(config, task.name),
     )
 
 
@@ -324,27 +338,9 @@ def build_task(config: Any, stage: str, tokenizer: Tokenizer, workdir: pathlib.P
     raise ValueError(f"unknown training stage {stage!r}")
 
 
-REQUIRES = {"stage1": ("stage0_vision", "stage0_lm"), "stage2": ("stage1",)}
-
-
-def check_predecessors(stage: str, workdir: pathlib.Path) -> None:
-    """Raises FileNotFoundError naming the earlier stages ``stage`` needs and has not got."""
-    missing = [
-        name
-        for name in REQUIRES.get(stage, ())
-        if not list((stage_dir(workdir, name) / "checkpoints").glob("[0-9]*/trainable"))
-    ]
-    if missing:
-        raise FileNotFoundError(
-            f"{stage} starts from the results of {missing}, which have no checkpoint under "
-            f"{pathlib.Path(workdir).absolute()}; run configs/llava_vce.py:stage={missing[0]} "
-            "(or stage=all) with this workdir first"
-        )
-
-
 def train_stage(config: Any, stage: str, workdir: pathlib.Path) -> TrainResult:
     """Builds and trains ``stage`` (resuming it if its directory holds checkpoints)."""
-    check_predecessors(stage, workdir)
+    check_predecessors(config, stage, workdir)
     tokenizer = load_tokenizer(config)
     task = build_task(config, stage, tokenizer, workdir)
     return run_task(config, task, config[stage], workdir)
