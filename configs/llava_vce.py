@@ -154,6 +154,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 alpha=32.0,
                 dropout=0.05,
                 targets=("query", "key", "value", "out", "wi_gate", "wi_up", "wo"),
+                num_experts=4,  # LoRA experts per projection (kind="lora_moe" only)
+                top_k=2,
             ),
             # num_experts=0: no MoE (model.moe is then ignored).
             moe=dict(
