@@ -36,6 +36,12 @@ import ml_collections
 from configs.base import LOGICAL_AXIS_RULES
 from mllm_jax.config_args import parse_config_arg
 
+
+def optional_int(value: int | None):
+    """``value``, or an int-typed None the command line can still set (``--config.x=100``)."""
+    return ml_collections.config_dict.placeholder(int) if value is None else value
+
+
 STAGES = ("prepare", "stage0_vision", "stage0_lm", "stage1", "stage2", "evaluate")
 
 SIZES = {
@@ -97,7 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # vicuna system prompt: with 16 image tokens per sample it would triple the cost.
             template="v1",
             system_prompt="",
-            max_examples=size["max_examples"],  # cap per split (None: all); CI uses a few
+            # cap per split (None: all); CI uses a few
+            max_examples=optional_int(size["max_examples"]),
             multi_image_train_size=20_000,
             # The VQA set of stage 2 and evaluate ("vqa" in the stage-2 mixture): "easy_vqa" or
             # "easy_vqa_grid" (2x2 grids of easy-VQA images at image_size, questions about one
@@ -266,10 +273,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(
             batch_size=256,
             max_new_tokens=4,
-            test_examples=size["test_examples"],  # None: the whole test split
+            test_examples=optional_int(size["test_examples"]),  # None: the whole test split
             # The images-zeroed control on this many evenly spaced test questions (None: all);
             # results.json also scores the model with images on the same questions.
-            vision_blind_examples=size["vision_blind_examples"],
+            vision_blind_examples=optional_int(size["vision_blind_examples"]),
             examples_to_show=6,
         )
     )
