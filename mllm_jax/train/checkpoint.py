@@ -34,7 +34,10 @@ def checkpoint_metadata(
     *, config: dict, adapter: AdapterConfig, base_params_path: str | pathlib.Path
 ) -> dict:
     """The ``metadata`` item of a training checkpoint: config, adapter spec, base-weights path."""
-    spec = {name: getattr(adapter, name) for name in ("kind", "rank", "alpha", "targets")}
+    names = ("kind", "rank", "alpha", "targets")
+    if adapter.kind == "lora_moe":
+        names += ("num_experts", "top_k")
+    spec = {name: getattr(adapter, name) for name in names}
     spec["targets"] = list(spec["targets"])
     return {"config": config, "adapter": spec, "base_params_path": str(base_params_path)}
 

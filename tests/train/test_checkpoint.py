@@ -165,6 +165,19 @@ def test_max_to_keep_latest_step_and_bit_identical_restore(tmp_path):
     reopened.close()
 
 
+def test_lora_moe_metadata_names_its_experts_and_top_k():
+    adapter = AdapterConfig(kind="lora_moe", rank=4, alpha=8.0, num_experts=3, top_k=1)
+    metadata = ckpt.checkpoint_metadata(config={}, adapter=adapter, base_params_path="/base")
+    assert metadata["adapter"] == {
+        "kind": "lora_moe",
+        "rank": 4,
+        "alpha": 8.0,
+        "targets": ["query", "value"],
+        "num_experts": 3,
+        "top_k": 1,
+    }
+
+
 def test_save_rejects_metadata_without_adapter_and_base_path(tmp_path):
     trainable, _ = _split(_params())
     with (
