@@ -56,7 +56,7 @@ jemalloc:
 TEST_WORKERS ?= 2
 
 test: $(STAMP) $(WEIGHTS)
-	$(RUN_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(RUN_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

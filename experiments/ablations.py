@@ -70,7 +70,7 @@ def projector() -> Sweep:
             | o,
             name=f"{dataset},{projector_kind},seed={o['seed']}",
         )
-        for dataset in ("easy_vqa", "easy_vqa_grid")
+        for dataset in ("easy_vqa_grid", "easy_vqa")
         for projector_kind in ("vce", "mlp")
         for o in seeds(NUM_SEEDS)
     ]
