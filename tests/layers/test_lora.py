@@ -6,7 +6,6 @@ Whole-model wiring, merge and scan: tests/models/test_decoder_lm_adapters.py.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,8 +13,9 @@ import numpy as np
 import pytest
 
 from mllm_jax.layers import TransformerConfig
-from mllm_jax.layers.lora import AdapterConfig, low_rank_einsum, make_projection
+from mllm_jax.layers.lora import AdapterConfig, low_rank_einsum
 from mllm_jax.models import transformer_config_from
+from tests.layers.projection_cases import KERNELS, Projection
 
 RTOL, ATOL = 1e-5, 1e-6
 LN_EPS = 1e-5  # LayerNorm_r epsilon (PyTorch's default, as in the released Dual-LoRA code)
@@ -25,32 +25,6 @@ KINDS = ("lora", "dual_lora")
 # --------------------------------------------------------------------------------------------
 # One projection against a numpy implementation of SPEC §3
 # --------------------------------------------------------------------------------------------
-
-# name -> (equation, kernel shape, logical axes, number of leading in dims, x shape).
-KERNELS = {
-    "dense_2d": ("bne,ef->bnf", (6, 5), ("embed", "mlp"), 1, (2, 3, 6)),
-    "query_3d": ("bne,ehd->bnhd", (6, 2, 4), ("embed", "heads", "head_dim"), 1, (2, 3, 6)),
-    "out_3d": ("bnhd,hde->bne", (2, 4, 6), ("heads", "head_dim", "embed"), 2, (2, 3, 2, 4)),
-}
-
-
-class Projection(nn.Module):
-    """One projection named "wo", built by the factory the attention and MLP use."""
-
-    case: str
-    adapter: AdapterConfig
-
-    @nn.compact
-    def __call__(self, x):
-        equation, shape, axes, num_in, _ = KERNELS[self.case]
-        return make_projection(
-            "wo",
-            shape=shape,
-            logical_axes=axes,
-            in_axis=tuple(range(num_in)),
-            out_axis=tuple(range(num_in, len(shape))),
-            adapter=self.adapter,
-        )(equation, x)
 
 
 def _adapter(kind, dropout=0.0):

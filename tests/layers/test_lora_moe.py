@@ -5,13 +5,12 @@ Tolerance: float32 layer vs float64 numpy, rtol 1e-5, atol 1e-5.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mllm_jax.layers.lora import AdapterConfig, make_projection
+from mllm_jax.layers.lora import AdapterConfig
 from mllm_jax.layers.lora_params import (
     adapter_param_count,
     count_adapter_params,
@@ -20,30 +19,11 @@ from mllm_jax.layers.lora_params import (
     split_adapter_params,
 )
 from mllm_jax.sharding import strip_boxes
+from tests.layers.projection_cases import KERNELS as ALL_KERNELS
+from tests.layers.projection_cases import Projection
 
 RANK, ALPHA, EXPERTS, TOP_K = 3, 6.0, 4, 2
-# name -> (equation, kernel shape, logical axes, number of leading in dims, x shape).
-KERNELS = {
-    "dense_2d": ("bne,ef->bnf", (6, 5), ("embed", "mlp"), 1, (2, 3, 6)),
-    "out_3d": ("bnhd,hde->bne", (2, 4, 6), ("heads", "head_dim", "embed"), 2, (2, 3, 2, 4)),
-}
-
-
-class Projection(nn.Module):
-    case: str
-    adapter: AdapterConfig
-
-    @nn.compact
-    def __call__(self, x):
-        equation, shape, axes, num_in, _ = KERNELS[self.case]
-        return make_projection(
-            "wo",
-            shape=shape,
-            logical_axes=axes,
-            in_axis=tuple(range(num_in)),
-            out_axis=tuple(range(num_in, len(shape))),
-            adapter=self.adapter,
-        )(equation, x)
+KERNELS = {case: ALL_KERNELS[case] for case in ("dense_2d", "out_3d")}  # a 2-D and a 3-D kernel
 
 
 ADAPTER = AdapterConfig(
