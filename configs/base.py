@@ -88,6 +88,24 @@ LOGICAL_AXIS_RULES = [
 ]
 
 
+def data_parallel_mesh() -> ml_collections.ConfigDict:
+    """The ``mesh`` section of a data-parallel run: every device on the ``data`` axis.
+
+    Override ``ici_parallelism`` / ``dcn_parallelism`` on the command line for FSDP, tensor or
+    expert parallelism (``--config.mesh.ici_parallelism.fsdp=4`` ...).
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            ici_parallelism=dict(data=-1, fsdp=1, tensor=1, expert=1),
+            dcn_parallelism=dict(data=1, fsdp=1, tensor=1, expert=1),
+            logical_axis_rules=LOGICAL_AXIS_RULES,
+            # On a CPU host, split it into this many XLA devices (2 keeps both cores of a small
+            # machine busy). Ignored on TPU/GPU.
+            num_cpu_devices=2,
+        )
+    )
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_config_arg(arg, size="tiny", scan=False, remat="none")
     if args.size not in SIZES:
@@ -118,16 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
-    config.mesh = ml_collections.ConfigDict(
-        dict(
-            ici_parallelism=dict(data=-1, fsdp=1, tensor=1, expert=1),
-            dcn_parallelism=dict(data=1, fsdp=1, tensor=1, expert=1),
-            logical_axis_rules=LOGICAL_AXIS_RULES,
-            # On a CPU host, split it into this many XLA devices (2 keeps both cores of a small
-            # machine busy). Ignored on TPU/GPU.
-            num_cpu_devices=2,
-        )
-    )
+    config.mesh = data_parallel_mesh()
 
     config.optimizer = ml_collections.ConfigDict(
         dict(

@@ -33,7 +33,7 @@ Ablation knobs (defaults reproduce the demo):
 
 import ml_collections
 
-from configs.base import LOGICAL_AXIS_RULES
+from configs.base import data_parallel_mesh
 from mllm_jax.config_args import parse_config_arg
 
 
@@ -177,14 +177,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
-    config.mesh = ml_collections.ConfigDict(
-        dict(
-            ici_parallelism=dict(data=-1, fsdp=1, tensor=1, expert=1),
-            dcn_parallelism=dict(data=1, fsdp=1, tensor=1, expert=1),
-            logical_axis_rules=LOGICAL_AXIS_RULES,
-            num_cpu_devices=2,
-        )
-    )
+    config.mesh = data_parallel_mesh()
 
     # Shared AdamW settings; each stage sets its own peak learning rates and warmup.
     config.optimizer = ml_collections.ConfigDict(

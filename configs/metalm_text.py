@@ -10,7 +10,7 @@ tokens at 2048 scaled to the sequence length (``scaled_span_lengths``), 25% of t
 
 import ml_collections
 
-from configs.base import LOGICAL_AXIS_RULES
+from configs.base import data_parallel_mesh
 from mllm_jax.config_args import parse_config_arg
 from mllm_jax.data.span_sampling import PAPER_FRACTION, scaled_span_lengths
 
@@ -62,14 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(
         dict(seq_len=seq_len, batch_size=size["batch"], eval_percent=5, eval_batches=16)
     )
-    config.mesh = ml_collections.ConfigDict(
-        dict(
-            ici_parallelism=dict(data=-1, fsdp=1, tensor=1, expert=1),
-            dcn_parallelism=dict(data=1, fsdp=1, tensor=1, expert=1),
-            logical_axis_rules=LOGICAL_AXIS_RULES,
-            num_cpu_devices=2,
-        )
-    )
+    config.mesh = data_parallel_mesh()
     config.optimizer = ml_collections.ConfigDict(
         dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,
              end_learning_rate_fraction=0.1)
