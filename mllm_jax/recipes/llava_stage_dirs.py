@@ -15,6 +15,8 @@ import json
 import pathlib
 from typing import Any
 
+from mllm_jax.train import checkpoint as checkpoint_lib
+
 REUSABLE_STAGES = ("stage0_vision", "stage0_lm", "stage1")
 REQUIRES = {"stage1": ("stage0_vision", "stage0_lm"), "stage2": ("stage1",)}
 
@@ -98,7 +100,7 @@ def check_reused_stages(config: Any) -> None:
 
     Raises:
       FileNotFoundError: naming each reused stage without a final checkpoint in the base run,
-        or the base run's missing ``config.json``.
+        or a final checkpoint without its ``metadata`` item (the config that trained it).
       ValueError: naming the config fields a reused stage depends on that differ from the base.
     """
     if not reused_stages(config):
@@ -114,19 +116,12 @@ def check_reused_stages(config: Any) -> None:
             f"of the reused stages (looked for {missing}); finish them in the base run "
             "(same config, stage=all) or drop them from config.reuse_stages"
         )
-    base_json = pathlib.Path(config.reuse_stages_from) / "config.json"
-    if not base_json.exists():
-        raise FileNotFoundError(
-            f"{base_json} is missing: the base run's config is needed to check that its stages "
-            "are the ones this config trains"
-        )
-    base = json.loads(base_json.read_text())
     here = json.loads(config.to_json_best_effort())
-    differences = [
-        difference
-        for stage in reused_stages(config)
-        for difference in _differences(stage_inputs(base, stage), stage_inputs(here, stage), "")
-    ]
+    differences = []
+    for stage in reused_stages(config):
+        step_dir = final_checkpoint(config, stage_dir(config.reuse_stages_from, stage), stage)
+        base = checkpoint_lib.read_metadata(step_dir.parent)["config"]
+        differences += _differences(stage_inputs(base, stage), stage_inputs(here, stage), "")
     if differences:
         raise ValueError(
             f"config.reuse_stages_from={config.reuse_stages_from!r} trained the reused stages "

@@ -42,6 +42,19 @@ def checkpoint_metadata(
     return {"config": config, "adapter": spec, "base_params_path": str(base_params_path)}
 
 
+def read_metadata(step_dir: str | pathlib.Path) -> dict:
+    """The ``metadata`` item of one committed step, ``<checkpoints>/<step>``: the config that
+    trained it, the adapter spec and the base-weights path. Reads no array.
+
+    Raises:
+      FileNotFoundError: naming ``step_dir`` when it has no ``metadata`` item.
+    """
+    path = pathlib.Path(step_dir).absolute() / "metadata"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is missing: {step_dir} is not a committed training step")
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+
+
 class TrainingCheckpointer:
     """Saves and restores training checkpoints under ``directory/<step>/``.
 

@@ -5,14 +5,17 @@ import pathlib
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
 from configs import llava_vce
 from mllm_jax.data.images import ImagePreprocessing
 from mllm_jax.data.packing import PackingSpec
+from mllm_jax.layers.lora import AdapterConfig
 from mllm_jax.models.multimodal_lm import MultimodalLM
 from mllm_jax.recipes import llava_data, llava_demo, llava_models, llava_stage_dirs, llava_stages
+from mllm_jax.train import checkpoint as checkpoint_lib
 from mllm_jax.train.param_groups import make_grouped_optimizer
 from mllm_jax.train.trainer import TrainTask
 
@@ -110,8 +113,22 @@ def _reusing_config(base: pathlib.Path, stages=("stage0_vision", "stage0_lm")):
     return config
 
 
-def _finish(config, directory: pathlib.Path, stage: str) -> None:
-    llava_stage_dirs.final_checkpoint(config, directory / stage, stage).mkdir(parents=True)
+def _finish(config, directory: pathlib.Path, stage: str, trained_with=None) -> None:
+    """Leaves the final checkpoint of ``stage`` in ``directory``; with ``trained_with``, also its
+    metadata item recording that config, as the trainer writes it."""
+    final = llava_stage_dirs.final_checkpoint(config, directory / stage, stage)
+    final.mkdir(parents=True)
+    if trained_with is not None:
+        _write_metadata(final.parent, trained_with)
+
+
+def _write_metadata(step_dir: pathlib.Path, trained_with) -> None:
+    metadata = checkpoint_lib.checkpoint_metadata(
+        config=llava_stages.config_json(trained_with),
+        adapter=AdapterConfig(kind="none"),
+        base_params_path="",
+    )
+    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(step_dir.absolute() / "metadata", metadata)
 
 
 def test_reused_stages_are_read_from_a_base_run_that_must_have_finished_them(tmp_path):
@@ -120,7 +137,13 @@ def test_reused_stages_are_read_from_a_base_run_that_must_have_finished_them(tmp
     assert llava_stage_dirs.results_dir(config, workdir, "stage0_lm") == base / "stage0_lm"
     assert llava_stage_dirs.results_dir(config, workdir, "stage1") == workdir / "stage1"
 
-    _finish(config, base, "stage0_vision")
+    # The base may differ in what stage 0 does not read: its seed, projector, adapter, VQA set.
+    base_config = llava_vce.get_config("size=test")
+    base_config.seed = 7
+    base_config.model.projector = "mlp"
+    base_config.model.adapter.kind = "none"
+    base_config.data.vqa_dataset = "easy_vqa_grid"
+    _finish(config, base, "stage0_vision", trained_with=base_config)
     with pytest.raises(FileNotFoundError, match="stage0_lm/checkpoints/4/trainable"):
         llava_demo.run(config, workdir)  # before anything is prepared or trained
     assert not (workdir / "stage0_vision").exists()
@@ -129,15 +152,9 @@ def test_reused_stages_are_read_from_a_base_run_that_must_have_finished_them(tmp
     with pytest.raises(FileNotFoundError, match="stage0_lm"):
         llava_stage_dirs.check_reused_stages(config)
     _finish(config, base, "stage0_lm")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="stage0_lm/checkpoints/4/metadata is missing"):
         llava_stage_dirs.check_reused_stages(config)
-    # The base may differ in what stage 0 does not read: its seed, projector, adapter, VQA set.
-    base_config = llava_vce.get_config("size=test")
-    base_config.seed = 7
-    base_config.model.projector = "mlp"
-    base_config.model.adapter.kind = "none"
-    base_config.data.vqa_dataset = "easy_vqa_grid"
-    (base / "config.json").write_text(base_config.to_json_best_effort())
+    _write_metadata(base / "stage0_lm" / "checkpoints" / "4", base_config)
     llava_stage_dirs.check_reused_stages(config)
     llava_stage_dirs.check_predecessors(config, "stage1", workdir)
     with pytest.raises(FileNotFoundError, match="stage1"):
@@ -153,17 +170,31 @@ def test_reused_stages_are_read_from_a_base_run_that_must_have_finished_them(tmp
 
 def test_a_base_run_that_trained_a_reused_stage_otherwise_is_rejected(tmp_path):
     config = _reusing_config(tmp_path)
-    for stage in config.reuse_stages:
-        _finish(config, tmp_path, stage)
     base_config = llava_vce.get_config("size=test")
     base_config.stage0_lm.learning_rate = 1e-2
     base_config.model.moe.num_experts = 4
-    (tmp_path / "config.json").write_text(base_config.to_json_best_effort())
+    for stage in config.reuse_stages:
+        _finish(config, tmp_path, stage, trained_with=base_config)
     with pytest.raises(ValueError) as raised:
         llava_stage_dirs.check_reused_stages(config)
     assert "stage0_lm.learning_rate: base 0.01, here 0.003" in str(raised.value)
     assert "model.moe.num_experts: base 4, here 0" in str(raised.value)
     config.reuse_stages = ("stage0_vision",)  # the vision tower does not depend on either
+    llava_stage_dirs.check_reused_stages(config)
+
+
+def test_each_reused_stage_is_checked_against_the_config_that_trained_it(tmp_path):
+    # The base trained stage 0 of the vision tower at one learning rate, then a later command
+    # in the same workdir trained the LM with another; only the stages' checkpoints tell.
+    config = _reusing_config(tmp_path)
+    vision_command = llava_vce.get_config("size=test")
+    vision_command.stage0_vision.learning_rate = 0.5
+    _finish(config, tmp_path, "stage0_vision", trained_with=vision_command)
+    _finish(config, tmp_path, "stage0_lm", trained_with=llava_vce.get_config("size=test"))
+    with pytest.raises(ValueError, match="stage0_vision.learning_rate: base 0.5"):
+        llava_stage_dirs.check_reused_stages(config)
+    config.reuse_stages = ("stage0_vision",)
+    config.stage0_vision.learning_rate = 0.5
     llava_stage_dirs.check_reused_stages(config)
 
 
