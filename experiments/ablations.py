@@ -8,7 +8,7 @@
   # then any of the sweeps (BASE = runs/ablations/base)
   python -m mllm_jax.sweeps --sweep experiments/ablations.py:NAME --workdir runs/ablations/NAME
 
-NAME: projector, projector_grid_long, adapters, moe_vs_dense, semi_causal.
+NAME: projector, projector_grid_long, adapters, adapters_long, moe_vs_dense, semi_causal.
 
 Every sweep holds the data and training budget fixed and varies one thing, over 3 seeds; the
 tables (mean ± sample std) and the commands that produced them are in ``experiments/results/``.
@@ -92,25 +92,34 @@ def projector_grid_long() -> Sweep:
     return Sweep(points, metrics=LLAVA_METRICS, plot_metrics=("vqa_test_accuracy", "per_type/*"))
 
 
+def _adapter_points(budget: dict) -> list[Point]:
+    reuse = {
+        "reuse_stages_from": LLAVA_BASE,
+        "reuse_stages": ("stage0_vision", "stage0_lm", "stage1"),
+    }
+    return [
+        Point("configs/llava_vce.py", budget | reuse | adapter | o, name=f"{name},seed={o['seed']}")
+        for name, adapter in ADAPTERS.items()
+        for o in seeds(NUM_SEEDS)
+    ]
+
+
 def adapters() -> Sweep:
     """q,v-LoRA, LoRA at Dual-LoRA's parameter count, Dual-LoRA, LoRA-MoE (4 experts), full FT.
 
     All start from the base's stage 0 and stage 1 (VCE) and train stage 2 on easy-VQA.
     """
-    reuse = {
-        "reuse_stages_from": LLAVA_BASE,
-        "reuse_stages": ("stage0_vision", "stage0_lm", "stage1"),
-    }
-    points = [
-        Point(
-            "configs/llava_vce.py",
-            LLAVA_BUDGET | reuse | adapter | o,
-            name=f"{name},seed={o['seed']}",
-        )
-        for name, adapter in ADAPTERS.items()
-        for o in seeds(NUM_SEEDS)
-    ]
+    points = _adapter_points(LLAVA_BUDGET)
     return Sweep(points, metrics=LLAVA_METRICS, plot_metrics=("vqa_test_accuracy",))
+
+
+def adapters_long() -> Sweep:
+    """``adapters`` with the demo's 300-step stage 2, long enough to learn yes/no questions.
+
+    Point names match ``adapters``'s: use a fresh workdir.
+    """
+    points = _adapter_points(LLAVA_BUDGET | {"stage2.num_steps": 300, "stage2.warmup_steps": 15})
+    return Sweep(points, metrics=LLAVA_METRICS, plot_metrics=("vqa_test_accuracy", "per_type/*"))
 
 
 def moe_vs_dense() -> Sweep:

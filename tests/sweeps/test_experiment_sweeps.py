@@ -38,7 +38,8 @@ def test_shipped_sweep_plans_with_unique_workdirs(spec, tmp_path, monkeypatch):
 
 def test_ablation_sweeps_vary_one_thing_over_three_seeds():
     from_file = "experiments/ablations.py"
-    for name in ("projector", "projector_grid_long", "adapters", "moe_vs_dense", "semi_causal"):
+    names = ("projector", "projector_grid_long", "adapters", "adapters_long", "moe_vs_dense")
+    for name in (*names, "semi_causal"):
         sweep = load_sweep(str(REPO / from_file) + f":{name}")
         seeds_per_group: dict[tuple, set] = {}
         for point in sweep.points:
