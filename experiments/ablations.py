@@ -8,7 +8,8 @@
   # then any of the sweeps (BASE = runs/ablations/base)
   python -m mllm_jax.sweeps --sweep experiments/ablations.py:NAME --workdir runs/ablations/NAME
 
-NAME: projector, projector_grid_long, adapters, adapters_long, moe_vs_dense, semi_causal.
+NAME: projector, projector_grid_long, adapters, dual_lora_vs_lora_long, moe_vs_dense,
+semi_causal.
 
 Every sweep holds the data and training budget fixed and varies one thing, over 3 seeds; the
 tables (mean ± sample std) and the commands that produced them are in ``experiments/results/``.
@@ -92,7 +93,7 @@ def projector_grid_long() -> Sweep:
     return Sweep(points, metrics=LLAVA_METRICS, plot_metrics=("vqa_test_accuracy", "per_type/*"))
 
 
-def _adapter_points(budget: dict) -> list[Point]:
+def _adapter_points(budget: dict, names: tuple[str, ...] = tuple(ADAPTERS)) -> list[Point]:
     reuse = {
         "reuse_stages_from": LLAVA_BASE,
         "reuse_stages": ("stage0_vision", "stage0_lm", "stage1"),
@@ -100,6 +101,7 @@ def _adapter_points(budget: dict) -> list[Point]:
     return [
         Point("configs/llava_vce.py", budget | reuse | adapter | o, name=f"{name},seed={o['seed']}")
         for name, adapter in ADAPTERS.items()
+        if name in names
         for o in seeds(NUM_SEEDS)
     ]
 
@@ -113,12 +115,14 @@ def adapters() -> Sweep:
     return Sweep(points, metrics=LLAVA_METRICS, plot_metrics=("vqa_test_accuracy",))
 
 
-def adapters_long() -> Sweep:
-    """``adapters`` with the demo's 300-step stage 2, long enough to learn yes/no questions.
+def dual_lora_vs_lora_long() -> Sweep:
+    """The seed's central adapter claim, Dual-LoRA vs LoRA at equal parameter count, with the
+    demo's 300-step stage 2 (long enough to learn yes/no questions).
 
     Point names match ``adapters``'s: use a fresh workdir.
     """
-    points = _adapter_points(LLAVA_BUDGET | {"stage2.num_steps": 300, "stage2.warmup_steps": 15})
+    budget = LLAVA_BUDGET | {"stage2.num_steps": 300, "stage2.warmup_steps": 15}
+    points = _adapter_points(budget, names=("lora_equal_params", "dual_lora"))
     return Sweep(points, metrics=LLAVA_METRICS, plot_metrics=("vqa_test_accuracy", "per_type/*"))
 
 

@@ -37,10 +37,10 @@ def test_shipped_sweep_plans_with_unique_workdirs(spec, tmp_path, monkeypatch):
 
 
 def test_ablation_sweeps_vary_one_thing_over_three_seeds():
-    from_file = "experiments/ablations.py"
-    names = ("projector", "projector_grid_long", "adapters", "adapters_long", "moe_vs_dense")
-    for name in (*names, "semi_causal"):
-        sweep = load_sweep(str(REPO / from_file) + f":{name}")
+    ablations = REPO / "experiments" / "ablations.py"
+    llava = ("projector", "projector_grid_long", "adapters", "dual_lora_vs_lora_long")
+    for name in (*llava, "moe_vs_dense", "semi_causal"):
+        sweep = load_sweep(f"{ablations}:{name}")
         seeds_per_group: dict[tuple, set] = {}
         for point in sweep.points:
             rest = {k: v for k, v in point.overrides.items() if k != "seed"}
