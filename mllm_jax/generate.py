@@ -198,6 +198,17 @@ def answer_questions(
 PROMPT_FILE = "prompt.json"
 """Saved-model file: {"template": ..., "system_prompt": ...} the model was trained with."""
 
+
+def saved_prompt(model_dir: str | pathlib.Path) -> dict[str, str]:
+    """The template and system prompt a saved model was trained with (``PROMPT_FILE``); the
+    ``v1`` template with its default system prompt for a model saved without one."""
+    prompt = {"template": "v1", "system_prompt": V1_SYSTEM_PROMPT}
+    prompt_file = pathlib.Path(model_dir) / PROMPT_FILE
+    if prompt_file.exists():
+        prompt |= json.loads(prompt_file.read_text())
+    return prompt
+
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Directory written by models.saved_model.save_model.")
 flags.DEFINE_multi_string("image", [], "Image file(s) the question is about.")
@@ -227,10 +238,7 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--image {path!r} does not exist")
         encoded.append(pathlib.Path(path).read_bytes())
     config, params, tokenizer_path = load_model(FLAGS.model_dir)
-    prompt = {"template": "v1", "system_prompt": V1_SYSTEM_PROMPT}
-    prompt_file = pathlib.Path(FLAGS.model_dir) / PROMPT_FILE
-    if prompt_file.exists():
-        prompt |= json.loads(prompt_file.read_text())
+    prompt = saved_prompt(FLAGS.model_dir)
     if FLAGS.template is not None:
         prompt["template"] = FLAGS.template
     if FLAGS.system_prompt is not None:
