@@ -29,6 +29,8 @@ LLAVA_BUDGET = {
     "evaluate.test_examples": 2000,  # per test set (VQA and multi-image)
     "evaluate.vision_blind_examples": 500,
 }
+# The demo's stage 2 on top of LLAVA_BUDGET, for the comparisons 100 steps cannot separate.
+LLAVA_LONG_BUDGET = LLAVA_BUDGET | {"stage2.num_steps": 300, "stage2.warmup_steps": 15}
 LLAVA_METRICS = (
     "vqa_test_accuracy",
     "per_type/*",
@@ -88,8 +90,7 @@ def projector_grid_long() -> Sweep:
     At 100 stage-2 steps both projectors stay near their vision-blind control on the grid, so
     the comparison needs the longer budget. Point names match ``projector``'s: use a fresh workdir.
     """
-    budget = LLAVA_BUDGET | {"stage2.num_steps": 300, "stage2.warmup_steps": 15}
-    points = _projector_points(("easy_vqa_grid",), budget)
+    points = _projector_points(("easy_vqa_grid",), LLAVA_LONG_BUDGET)
     return Sweep(points, metrics=LLAVA_METRICS, plot_metrics=("vqa_test_accuracy", "per_type/*"))
 
 
@@ -121,8 +122,7 @@ def dual_lora_vs_lora_long() -> Sweep:
 
     Point names match ``adapters``'s: use a fresh workdir.
     """
-    budget = LLAVA_BUDGET | {"stage2.num_steps": 300, "stage2.warmup_steps": 15}
-    points = _adapter_points(budget, names=("lora_equal_params", "dual_lora"))
+    points = _adapter_points(LLAVA_LONG_BUDGET, names=("lora_equal_params", "dual_lora"))
     return Sweep(points, metrics=LLAVA_METRICS, plot_metrics=("vqa_test_accuracy", "per_type/*"))
 
 
