@@ -33,7 +33,7 @@ Ablation knobs (defaults reproduce the demo):
 
 import ml_collections
 
-from configs.base import data_parallel_mesh
+from configs.base import data_parallel_mesh, training_section
 from mllm_jax.config_args import parse_config_arg
 
 
@@ -191,18 +191,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
-    config.training = ml_collections.ConfigDict(
-        dict(
-            log_every=size["log_every"],
-            eval_every=size["eval_every"],
-            checkpoint_every=500,
-            keep_checkpoints=2,
-            async_checkpoints=True,
-            accumulation_steps=1,
-            cpu_peak_flops_per_host=140e9,  # measured float32 matmul ceiling of a 2-core host
-            progress_bar=True,
-        )
-    )
+    config.training = training_section(log_every=size["log_every"], eval_every=size["eval_every"])
 
     steps, batch = size["steps"], size["batch"]
     config.stage0_vision = ml_collections.ConfigDict(

@@ -10,7 +10,7 @@ tokens at 2048 scaled to the sequence length (``scaled_span_lengths``), 25% of t
 
 import ml_collections
 
-from configs.base import data_parallel_mesh
+from configs.base import data_parallel_mesh, training_section
 from mllm_jax.config_args import parse_config_arg
 from mllm_jax.data.span_sampling import PAPER_FRACTION, scaled_span_lengths
 
@@ -67,13 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,
              end_learning_rate_fraction=0.1)
     )  # fmt: skip
-    config.training = ml_collections.ConfigDict(
-        dict(
-            log_every=max(1, size["steps"] // 8), eval_every=0, checkpoint_every=100_000,
-            keep_checkpoints=1, async_checkpoints=True, accumulation_steps=1,
-            cpu_peak_flops_per_host=140e9, progress_bar=True,
-        )
-    )  # fmt: skip
+    config.training = training_section(
+        log_every=max(1, size["steps"] // 8), checkpoint_every=100_000, keep_checkpoints=1
+    )
     config.train = ml_collections.ConfigDict(
         dict(num_steps=size["steps"], warmup_steps=max(1, size["steps"] // 20), learning_rate=3e-3)
     )

@@ -32,18 +32,20 @@ def main(argv):
     import numpy as np
 
     from mllm_jax import sharding
-    from mllm_jax.train import step as step_lib
-    from mllm_jax.train.loop import build_lm_trainer, train_flops_per_token
+    from mllm_jax.recipes import text_lm
+    from mllm_jax.train.partition import combine_params
+    from mllm_jax.train.trainer import prepare_step
 
     mesh = sharding.create_mesh_from_config(config.mesh)
     rules = sharding.logical_rules_from_config(config.mesh.logical_axis_rules)
     batch_size, seq_len = config.data.batch_size, config.data.seq_len
-    num_steps = max(config.training.num_steps, FLAGS.steps + 2)
-    trainer = build_lm_trainer(
-        config, mesh, rules, batch_size=batch_size, seq_len=seq_len, num_steps=num_steps,
-        rng=jax.random.key(0),
+    config.training.num_steps = max(config.training.num_steps, FLAGS.steps + 2)
+    prepared = prepare_step(
+        text_lm.text_lm_task(config, mesh, rules, train_set=None, eval_set=None),
+        optimizer_config=config.optimizer, training_config=config.training, mesh=mesh,
+        rules=rules,
     )  # fmt: skip
-    state = trainer.state
+    state = prepared.state
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, 259, (batch_size, seq_len), dtype=np.int32)
     batch = {
@@ -53,8 +55,8 @@ def main(argv):
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
         "loss_mask": np.ones((batch_size, seq_len), np.float32),
     }
-    batch = jax.device_put(batch, step_lib.batch_sharding(mesh, rules))
-    train_step = trainer.train_step
+    batch = jax.device_put(batch, prepared.batch_sharding)
+    train_step = prepared.step_fn
     step_rng = jax.random.key(1)
     with sharding.mesh_context(mesh, rules):
         start = time.perf_counter()
@@ -69,12 +71,17 @@ def main(argv):
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
 
-    flops = train_flops_per_token(config.model, seq_len) * batch_size * seq_len
+    flops = text_lm.train_flops_per_token(config.model, seq_len) * batch_size * seq_len
     median = statistics.median(times)
     result = {
         "devices": mesh.size,
         "mesh": dict(mesh.shape),
-        "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
+        "params": int(
+            sum(
+                x.size
+                for x in jax.tree_util.tree_leaves(combine_params(state.trainable, state.frozen))
+            )
+        ),
         "batch_size": batch_size,
         "seq_len": seq_len,
         "compile_s": round(compile_s, 2),

@@ -1,6 +1,7 @@
 """Command line: ``python -m mllm_jax.train --config CONFIG --workdir DIR``.
 
   --config configs/base.py:size=tiny        the text decoder on the stdlib docstrings
+  --config configs/moe_lm.py                the sparse-MoE decoder on the same corpus
   --config configs/llava_vce.py             the LLaVA + VCE + Dual-LoRA recipe (all stages)
   --config configs/llava_vce.py:stage=stage2   one stage of it (see configs/llava_vce.py)
   --config configs/metalm_text.py           METALM causal / prefix / semi-causal, language
@@ -26,7 +27,12 @@ def main(argv):
     # Must happen before the first device query initialises the CPU backend.
     if FLAGS.config.mesh.get("num_cpu_devices"):
         jax.config.update("jax_num_cpu_devices", FLAGS.config.mesh.num_cpu_devices)
-    logging.info("config:\n%s", FLAGS.config)
+    from mllm_jax.console_logging import quiet_library_logs
+
+    quiet_library_logs()
+    logging.info(
+        "config %s, workdir %s", config_flags.get_config_filename(FLAGS["config"]), FLAGS.workdir
+    )
     if FLAGS.config.get("recipe") == "llava_vce":
         from mllm_jax.recipes.llava_demo import run
 
@@ -36,9 +42,9 @@ def main(argv):
 
         run_metalm(FLAGS.config, FLAGS.workdir)
     else:
-        from mllm_jax.train.loop import train_and_evaluate
+        from mllm_jax.recipes.text_lm import run as run_text_lm
 
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        run_text_lm(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

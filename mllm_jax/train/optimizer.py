@@ -1,4 +1,6 @@
-"""AdamW with linear warmup and cosine decay, weight decay on matrices only."""
+"""The learning-rate schedule (linear warmup, cosine decay) and the weight-decay mask of AdamW.
+
+``param_groups.make_grouped_optimizer`` builds the optimizer from them."""
 
 from __future__ import annotations
 
@@ -26,19 +28,3 @@ def make_learning_rate_schedule(optimizer_config: Any, num_steps: int) -> optax.
 def matrices_only(params: Any) -> Any:
     """Weight-decay mask: True for arrays with ndim >= 2 (kernels, embeddings), False otherwise."""
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-
-
-def make_optimizer(optimizer_config: Any, num_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping followed by AdamW on the warmup-cosine schedule."""
-    schedule = make_learning_rate_schedule(optimizer_config, num_steps)
-    return optax.chain(
-        optax.clip_by_global_norm(optimizer_config.grad_clip_norm),
-        optax.adamw(
-            learning_rate=schedule,
-            b1=optimizer_config.b1,
-            b2=optimizer_config.b2,
-            eps=optimizer_config.eps,
-            weight_decay=optimizer_config.weight_decay,
-            mask=matrices_only,
-        ),
-    )

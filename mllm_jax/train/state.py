@@ -1,61 +1,13 @@
-"""Train state, created directly in its sharded layout."""
+"""The train state of ``trainer.train``: step, trainable and frozen params, optimizer state."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import optax
-from jax.sharding import Mesh
 
-from mllm_jax import sharding
 from mllm_jax.train.param_groups import GroupedOptimizer
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a train step reads and writes: step counter, params, optimizer state."""
-
-    step: jnp.ndarray
-    params: Any
-    opt_state: Any
-
-
-def create_sharded_train_state(
-    init_params: Callable[[jax.Array], Any],
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    rules: sharding.LogicalRules,
-    rng: jax.Array,
-) -> tuple[TrainState, TrainState]:
-    """Initialises the state with every array born on its devices (never materialised whole).
-
-    ``init_params(rng)`` returns the boxed params of ``model.init`` (``nn.LogicallyPartitioned``
-    leaves). The state is traced abstractly (``jax.eval_shape``), its logical axes resolved to
-    ``NamedSharding``s through ``rules``, and the real init runs under
-    ``jax.jit(out_shardings=...)``. Optimizer moments inherit the params' logical axes.
-
-    Returns:
-      (state, state_shardings): the unboxed state and a same-structured tree of NamedShardings.
-    """
-
-    def init_state(rng):
-        params = init_params(rng)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
-        )
-
-    with sharding.mesh_context(mesh, rules):
-        abstract = jax.eval_shape(init_state, rng)
-        specs = nn.get_partition_spec(abstract)
-        shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-        sharding.check_divisible(abstract, shardings)
-        state = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=shardings)(rng)
-    return state, shardings
 
 
 @flax.struct.dataclass

@@ -1,4 +1,4 @@
-"""The jitted train and eval steps of a decoder LM."""
+"""The train-step pieces every trainer run uses: LM losses, the param-group step, the eval step."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from mllm_jax.sharding import LogicalRules
 from mllm_jax.train.losses import apply_with_moe_losses, cross_entropy_loss
 from mllm_jax.train.param_groups import GroupedOptimizer
 from mllm_jax.train.partition import combine_params
-from mllm_jax.train.state import GroupedTrainState, TrainState
+from mllm_jax.train.state import GroupedTrainState
 
 Batch = dict[str, jax.Array]
 SumLossFn = Callable[[Any, Batch, jax.Array], tuple]
@@ -59,42 +59,6 @@ def lm_objective(
     )
     loss_sum, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
     return loss_sum / jnp.maximum(count, 1.0) + aux_loss, count, metrics
-
-
-def make_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
-    """Returns the pure ``train_step(state, batch, rng) -> (state, metrics)``.
-
-    The per-step key is ``fold_in(rng, state.step)``, so a restarted run draws the same noise.
-    ``loss`` is the objective of ``lm_objective`` (cross-entropy + MoE auxiliary loss); MoE
-    models add their ``moe/...`` metrics.
-    """
-
-    def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-        step_rng = jax.random.fold_in(rng, state.step)
-
-        def objective(params):
-            loss, count, moe_metrics = lm_objective(
-                model, params, batch, rngs={"dropout": step_rng}
-            )
-            return loss, (count, moe_metrics)
-
-        (loss, (count, moe_metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "num_targets": count,
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": schedule(state.step),
-            **moe_metrics,
-        }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return train_step
 
 
 def _micro_batches(batch: Batch, accumulation_steps: int) -> Batch:
@@ -229,17 +193,3 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], dict]:
 def batch_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:
     """Sharding of [B, ...] input arrays: the batch dimension follows the ``act_batch`` rule."""
     return nn.logical_to_mesh_sharding(PartitionSpec("act_batch"), mesh, rules)
-
-
-def jit_train_step(train_step, state_shardings: TrainState, mesh: Mesh, rules: LogicalRules):
-    """jit with explicit in/out shardings; the input state is donated (updated in place).
-
-    Call the result inside ``sharding.mesh_context(mesh, rules)`` so activation constraints apply.
-    """
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_sharding(mesh, rules), replicated),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )

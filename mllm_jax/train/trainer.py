@@ -6,9 +6,10 @@ train at which learning rate, its data stream, its evaluation); ``train`` does t
   mesh + logical rules -> state born sharded (frozen params outside the optimizer)
   -> earlier stages' weights overlaid -> resume from the workdir's latest checkpoint if any
   -> jitted, donating grouped step (gradient accumulation, non-finite guard)
-  -> per step: time after block_until_ready, preemption check
-  -> every ``log_every``: loss, learning rates, grad norm, tokens/s, examples/s, MFU
-     to TensorBoard + JSONL + the console progress bar
+  -> per step: dispatch without waiting for the device, preemption check
+  -> every ``log_every`` (the one host sync of a log window, see ``log_window.py``): non-finite
+     guard, loss, learning rates, grad norm, tokens/s, examples/s, MFU over the window
+     to TensorBoard + JSONL + the console progress bar; optional profiler trace of chosen steps
   -> every ``eval_every``: ``task.evaluate`` -> every ``checkpoint_every``: async Orbax save
   -> at the end (or on SIGTERM): a final save, PNG plots, a summary table.
 
@@ -44,12 +45,20 @@ from mllm_jax.layers.lora import AdapterConfig
 from mllm_jax.train import checkpoint as checkpoint_lib
 from mllm_jax.train import mfu as mfu_lib
 from mllm_jax.train import step as step_lib
+from mllm_jax.train.log_window import LogWindow
 from mllm_jax.train.metric_writers import MetricWriter
-from mllm_jax.train.param_groups import FROZEN, ParamGroup, make_grouped_optimizer, tree_bytes
+from mllm_jax.train.param_groups import (
+    FROZEN,
+    GroupedOptimizer,
+    ParamGroup,
+    make_grouped_optimizer,
+    tree_bytes,
+)
 from mllm_jax.train.partition import combine_params
 from mllm_jax.train.plots import plot_curves
 from mllm_jax.train.preemption import PreemptionWatcher
 from mllm_jax.train.pretrained import overlay_params
+from mllm_jax.train.profiling import StepProfiler
 from mllm_jax.train.progress import ProgressBar
 from mllm_jax.train.state import GroupedTrainState
 from mllm_jax.train.summary_table import format_key_values
@@ -143,6 +152,19 @@ def _global_batch(batch: Mapping[str, np.ndarray], batch_sharding: NamedSharding
     }
 
 
+def check_training_config(training_config: Any) -> None:
+    """Raises ValueError naming the ``training.*`` field that cannot drive a run."""
+    tc = training_config
+    positive = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+    for name in positive:
+        if int(tc[name]) < 1:
+            raise ValueError(f"training.{name}={tc[name]} must be >= 1")
+    if int(tc.get("eval_every", 0)) < 0:
+        raise ValueError(f"training.eval_every={tc.eval_every} must be >= 0 (0: only at the end)")
+    if int(tc.get("accumulation_steps", 1)) < 1:
+        raise ValueError(f"training.accumulation_steps={tc.accumulation_steps} must be >= 1")
+
+
 def _num_params(tree: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
@@ -182,6 +204,54 @@ def _overlay(state: GroupedTrainState, grouped, pretrained: Mapping, source: str
     return state.replace(trainable=trainable, frozen=frozen), kept
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedStep:
+    """A task's step-0 state born sharded (pretrained weights overlaid) and its jitted step.
+
+    ``step_fn(state, batch, step_rng) -> (state, metrics)`` donates ``state``; call it (or
+    ``step_fn.lower(...)``) inside ``sharding.mesh_context(mesh, rules)``. ``batch`` leaves are
+    global [B, ...] arrays laid out by ``batch_sharding``.
+    """
+
+    state: GroupedTrainState
+    shardings: GroupedTrainState
+    grouped: GroupedOptimizer
+    step_fn: Callable
+    step_rng: jax.Array
+    batch_sharding: NamedSharding
+
+
+def prepare_step(
+    task: TrainTask,
+    *,
+    optimizer_config: Any,
+    training_config: Any,
+    mesh: Mesh,
+    rules: sharding.LogicalRules,
+    seed: int = 0,
+) -> PreparedStep:
+    """Everything ``train`` runs before its first step, for benchmarks, AOT compiles and tests."""
+    num_steps = int(training_config.num_steps)
+    grouped = make_grouped_optimizer(optimizer_config, task.param_groups, num_steps)
+    init_rng, step_rng = jax.random.split(jax.random.key(seed))
+    state, state_shardings = _init_state(task, grouped, mesh, rules, init_rng)
+    if task.pretrained is not None:
+        state, kept = _overlay(state, grouped, task.pretrained, f"{task.name} pretrained weights")
+        if kept:
+            logging.info("%s: %d params keep their fresh init: %s", task.name, len(kept), kept)
+    batch_sharding = step_lib.batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step_fn = jax.jit(
+        step_lib.make_grouped_train_step(
+            task.loss_fn, grouped, int(training_config.get("accumulation_steps", 1))
+        ),
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+    return PreparedStep(state, state_shardings, grouped, step_fn, step_rng, batch_sharding)
+
+
 def train(
     task: TrainTask,
     *,
@@ -198,8 +268,9 @@ def train(
 
     ``training_config`` fields: ``num_steps``, ``log_every``, ``eval_every`` (0: only at the
     end), ``checkpoint_every``, ``keep_checkpoints``, ``async_checkpoints``,
-    ``accumulation_steps``, ``cpu_peak_flops_per_host`` (the MFU denominator on CPU) and
-    ``progress_bar``.
+    ``accumulation_steps``, ``cpu_peak_flops_per_host`` (the MFU denominator on CPU),
+    ``progress_bar`` and ``profile_start_step`` / ``profile_num_steps`` (``profiling.py``).
+    A record is logged every ``log_every`` steps and at every evaluation, save and stop.
 
     ``stop_after_steps`` ends this invocation after that many steps *without* a final save (a
     hard kill, for tests); a SIGTERM ends it after saving. ``step_callback(step)`` runs after
@@ -210,18 +281,16 @@ def train(
         parameter paths); that update was not applied and nothing after it is saved.
     """
     tc = training_config
+    check_training_config(tc)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     num_steps = int(tc.num_steps)
-    grouped = make_grouped_optimizer(optimizer_config, task.param_groups, num_steps)
-    init_rng, step_rng = jax.random.split(jax.random.key(seed))
-
-    state, state_shardings = _init_state(task, grouped, mesh, rules, init_rng)
-    kept = []
-    if task.pretrained is not None:
-        state, kept = _overlay(state, grouped, task.pretrained, f"{task.name} pretrained weights")
-        if kept:
-            logging.info("%s: %d params keep their fresh init: %s", task.name, len(kept), kept)
+    prepared = prepare_step(
+        task, optimizer_config=optimizer_config, training_config=tc, mesh=mesh, rules=rules,
+        seed=seed,
+    )  # fmt: skip
+    state, state_shardings, grouped = prepared.state, prepared.shardings, prepared.grouped
+    step_fn, step_rng, batch_sharding = prepared.step_fn, prepared.step_rng, prepared.batch_sharding
 
     checkpointer = checkpoint_lib.TrainingCheckpointer(
         workdir / "checkpoints",
@@ -262,16 +331,6 @@ def train(
     trainable_params = sum(size.num_params for name, size in sizes.items() if name != FROZEN)
     total_params = trainable_params + sizes[FROZEN].num_params
 
-    batch_sharding = step_lib.batch_sharding(mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    step_fn = jax.jit(
-        step_lib.make_grouped_train_step(
-            task.loss_fn, grouped, int(tc.get("accumulation_steps", 1))
-        ),
-        in_shardings=(state_shardings, batch_sharding, replicated),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
     peak_flops = mfu_lib.total_peak_flops(jax.devices(), tc.get("cpu_peak_flops_per_host"))
 
     writer = MetricWriter(workdir)
@@ -302,68 +361,66 @@ def train(
 
     compiled = None
     flops_per_step = None
-    window_losses: list[jax.Array] = []
-    window_times: list[float] = []
-    window_data_times: list[float] = []
-    window_counts = np.zeros(2)
+    window = LogWindow()
+    profiler = StepProfiler.from_config(tc, workdir / "profile")
     preempted = False
     step = start_step
     watcher = PreemptionWatcher()
+    log_every = int(tc.log_every)
+    eval_every = int(tc.get("eval_every", 0))
+    checkpoint_every = int(tc.checkpoint_every)
     try:
         with sharding.mesh_context(mesh, rules):
             while step < num_steps:
                 data_started = time.perf_counter()
                 host_batch = next(stream)
-                window_counts += batch_counts(host_batch)
+                counts = batch_counts(host_batch)
                 batch = _global_batch(host_batch, batch_sharding)
-                started = time.perf_counter()
-                window_data_times.append(started - data_started)
+                data_seconds = time.perf_counter() - data_started
                 if compiled is None:
                     compiled = step_fn.lower(state, batch, step_rng).compile()
                     flops_per_step = _flops_of(compiled, mesh.size)
-                    started = time.perf_counter()
+                    window.restart_clock()
+                profiler.before_step(step + 1)
+                # Dispatch only: nothing here waits for the device (see LogWindow).
                 state, metrics = compiled(state, batch, step_rng)
-                finite = bool(jax.block_until_ready(metrics["finite"]))
-                window_times.append(time.perf_counter() - started)
                 step += 1
-                if not finite:
-                    step_lib.check_finite(jax.device_get(metrics), step)
-                window_losses.append(metrics["loss"])
+                profiler.after_step(step, metrics["loss"])
+                window.add(step, metrics, data_seconds, counts)
                 if step_callback is not None:
                     step_callback(step)
 
                 is_last = step == num_steps
-                stopping = watcher.should_stop or (
-                    stop_after_steps is not None and step - start_step >= stop_after_steps
-                )
-                record = None
-                if step % int(tc.log_every) == 0 or is_last or stopping or step == start_step + 1:
-                    record = _log_record(
-                        step, metrics, window_losses, window_times, window_data_times,
-                        window_counts, flops_per_step, peak_flops,
-                    )  # fmt: skip
-                    window_losses, window_times, window_data_times = [], [], []
-                    window_counts = np.zeros(2)
-                eval_every = int(tc.get("eval_every", 0))
-                if is_last or (eval_every and step % eval_every == 0):
-                    record = (record or {"step": step}) | evaluate(step)
-                if record is not None:
-                    history.append(record)
-                    writer.write(step, {k: v for k, v in record.items() if k != "step"})
-                if progress is not None:
-                    progress.update(step, history[-1] if history else None)
-
-                if stopping and stop_after_steps is not None and not watcher.should_stop:
-                    preempted = True  # a simulated hard kill: no save
+                is_eval = is_last or bool(eval_every and step % eval_every == 0)
+                is_save = is_last or step % checkpoint_every == 0
+                killed = stop_after_steps is not None and step - start_step >= stop_after_steps
+                stopping = watcher.should_stop or killed
+                if killed and not watcher.should_stop:
+                    preempted = True  # a simulated hard kill: no save, no final record
                     break
+                record_due = is_eval or is_save or stopping or step == start_step + 1
+                if not (record_due or step % log_every == 0):
+                    if progress is not None:
+                        progress.update(step, history[-1] if history else None)
+                    continue
+                window.check_finite()
+                record = window.record(flops_per_step, peak_flops)
+                if is_eval:
+                    record |= evaluate(step)
+                history.append(record)
+                writer.write(step, {k: v for k, v in record.items() if k != "step"})
+                if progress is not None:
+                    progress.update(step, record)
                 if watcher.should_stop:
                     logging.warning("%s: SIGTERM at step %d; saving and stopping", task.name, step)
                     save(step, force=True)
                     preempted = True
                     break
-                if is_last or step % int(tc.checkpoint_every) == 0:
+                if is_save:
                     save(step, force=is_last)
+                window.restart_clock()
     finally:
+        profiler.close()
         watcher.close()
         checkpointer.close()
         writer.close()
@@ -392,31 +449,3 @@ def train(
         checkpoint_dir=checkpointer.directory,
         base_params_path=base_params_path,
     )
-
-
-def _log_record(
-    step, metrics, losses, times, data_times, counts, flops_per_step, peak_flops
-) -> dict:
-    host = jax.device_get({k: v for k, v in metrics.items() if k != "grads_finite"})
-    record = {
-        "step": step,
-        # The mean over the steps since the last record, not one noisy batch.
-        "loss": float(np.mean(jax.device_get(losses))),
-        "grad_norm": float(host["grad_norm"]),
-    }
-    record |= {k: float(v) for k, v in host.items() if k.startswith("learning_rate/")}
-    record |= {k: float(v) for k, v in host.items() if k.startswith("moe/")}
-    seconds = float(np.sum(times))
-    if seconds > 0:
-        record["step_time_s"] = seconds / len(times)
-        record["data_time_s"] = float(np.mean(data_times))
-        record["examples_per_sec"] = counts[0] / seconds
-        if counts[1]:
-            record["tokens_per_sec"] = counts[1] / seconds
-        if flops_per_step:
-            record["flops_per_sec"] = flops_per_step * len(times) / seconds
-            if peak_flops:
-                record["mfu"] = mfu_lib.model_flops_utilization(
-                    flops_per_step, record["step_time_s"], peak_flops
-                )
-    return record

@@ -38,7 +38,7 @@ def test_two_tiny_points_run_then_are_skipped(tmp_path):
         assert results["num_steps"] == last["step"] == 3
         assert results["train_loss"] == last["loss"] and results["eval_loss"] == last["eval_loss"]
         assert results["num_params"] > 0 and results["step_seconds"] > 0
-        assert "step     3" in (workdir / name / "train.log").read_text()
+        assert "after 3 steps" in (workdir / name / "train.log").read_text()
 
     second = _run_sweep(workdir, env)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from mllm_jax.train.losses import cross_entropy_loss
-from mllm_jax.train.optimizer import make_learning_rate_schedule, make_optimizer, matrices_only
+from mllm_jax.train.optimizer import make_learning_rate_schedule, matrices_only
+from mllm_jax.train.param_groups import ParamGroup, make_grouped_optimizer
 
 
 def _reference_loss(logits, targets, loss_mask):
@@ -82,12 +83,18 @@ def test_schedule_rejects_warmup_longer_than_training():
         make_learning_rate_schedule(_optimizer_config(warmup_steps=50), num_steps=50)
 
 
+def _one_group_optimizer(config):
+    """The trainer's optimizer with every parameter in one group."""
+    group = ParamGroup(name="all", patterns=(".",), learning_rate=config.learning_rate)
+    return make_grouped_optimizer(config, [group], num_steps=100)
+
+
 def test_weight_decay_applies_to_matrices_only():
     params = {"kernel": jnp.ones((2, 3)), "scale": jnp.ones((3,))}
     assert matrices_only(params) == {"kernel": True, "scale": False}
     # With zero gradients AdamW moves only the decayed matrix: p <- p - lr * wd * p.
     config = _optimizer_config(warmup_steps=0)
-    tx = make_optimizer(config, num_steps=100)
+    tx = _one_group_optimizer(config)
     zeros = {k: jnp.zeros_like(v) for k, v in params.items()}
     updates, _ = tx.update(zeros, tx.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -99,10 +106,10 @@ def test_gradients_are_clipped_to_the_global_norm():
     # b1 = b2 = 0 makes Adam's update g / |g| elementwise, so clipping is invisible in the
     # update; the moments store the (clipped) gradient and its square instead.
     config = _optimizer_config(warmup_steps=0, weight_decay=0.0, b1=0.0, b2=0.0)
-    tx = make_optimizer(config, num_steps=100)
+    tx = _one_group_optimizer(config)
     params = {"w": jnp.zeros((4,))}
     grads = {"w": jnp.array([30.0, 40.0, 0.0, 0.0])}  # global norm 50 -> rescaled to norm 1
     _, state = tx.update(grads, tx.init(params), params)
-    adam_state = state[1][0]
+    adam_state = state[1].inner_states["all"].inner_state[0]
     np.testing.assert_allclose(adam_state.mu["w"], [0.6, 0.8, 0.0, 0.0], rtol=1e-6)
     np.testing.assert_allclose(adam_state.nu["w"], [0.36, 0.64, 0.0, 0.0], rtol=1e-6)

@@ -7,8 +7,9 @@ from jax.sharding import PartitionSpec
 
 from configs import base
 from mllm_jax import sharding
-from mllm_jax.train import step as step_lib
-from mllm_jax.train.loop import build_lm_trainer
+from mllm_jax.recipes import text_lm
+from mllm_jax.train.partition import combine_params
+from mllm_jax.train.trainer import prepare_step
 
 MESHES = {
     "fsdp8": {"fsdp": 8},
@@ -51,14 +52,15 @@ def _run(mesh):
     """Forward logits, then one train step; returns host copies of both plus the state."""
     config = _config()
     rules = sharding.logical_rules_from_config(config.mesh.logical_axis_rules)
-    trainer = build_lm_trainer(
-        config, mesh, rules, batch_size=BATCH, seq_len=LENGTH,
-        num_steps=config.training.num_steps, rng=jax.random.key(0),
+    task = text_lm.text_lm_task(config, mesh, rules, train_set=None, eval_set=None)
+    prepared = prepare_step(
+        task, optimizer_config=config.optimizer, training_config=config.training, mesh=mesh,
+        rules=rules,
     )  # fmt: skip
-    model, state, shardings = trainer.model, trainer.state, trainer.state_shardings
-    batch_sharding = step_lib.batch_sharding(mesh, rules)
-    batch = {k: jax.device_put(v, batch_sharding) for k, v in _batch().items()}
-    train_step = trainer.train_step
+    model, state = text_lm.build_model(config.model), prepared.state
+    shardings = prepared.shardings
+    batch = {k: jax.device_put(v, prepared.batch_sharding) for k, v in _batch().items()}
+    train_step = prepared.step_fn
     with sharding.mesh_context(mesh, rules):
         forward = jax.jit(
             lambda p, b: model.apply(
@@ -68,11 +70,12 @@ def _run(mesh):
                 positions=b["positions"],
             )
         )
-        logits = np.asarray(forward(state.params, batch))
+        logits = np.asarray(forward(combine_params(state.trainable, state.frozen), batch))
         # Two steps: the first has learning rate 0 (warmup), the second moves the params.
         state, _ = train_step(state, batch, jax.random.key(1))
         state, metrics = train_step(state, batch, jax.random.key(1))
-    return logits, jax.device_get(state.params), jax.device_get(metrics), state, shardings
+    params = combine_params(state.trainable, state.frozen)
+    return logits, jax.device_get(params), jax.device_get(metrics), state, shardings
 
 
 @pytest.fixture(scope="module")
@@ -102,22 +105,23 @@ def test_sharded_forward_and_train_step_match_single_device(runs, mesh_name):
     moved = jax.tree_util.tree_map(lambda a, b: np.abs(a - b).max(), params, ref_params)
     assert max(jax.tree_util.tree_leaves(moved)) < 1e-5
     # The state really lives where the rules table says.
-    for path, array in jax.tree_util.tree_flatten_with_path(state.params)[0]:
-        expected = jax.tree_util.tree_flatten_with_path(shardings.params)[0]
+    for path, array in jax.tree_util.tree_flatten_with_path(state.trainable)[0]:
+        expected = jax.tree_util.tree_flatten_with_path(shardings.trainable)[0]
         assert array.sharding == dict(expected)[path], jax.tree_util.keystr(path)
 
 
 def test_params_carry_the_rules_table_shardings(runs):
     _, _, _, state, _ = runs("data2_fsdp2_tensor2")
-    wi = state.params["decoder"]["layers_0"]["mlp"]["wi_gate"]["kernel"]
+    wi = state.trainable["decoder"]["layers_0"]["mlp"]["wi_gate"]["kernel"]
     assert wi.sharding.spec == PartitionSpec("fsdp", "tensor")
     assert wi.addressable_shards[0].data.shape == (32 // 2, 64 // 2)
-    query = state.params["decoder"]["layers_0"]["attention"]["query"]["kernel"]
+    query = state.trainable["decoder"]["layers_0"]["attention"]["query"]["kernel"]
     assert query.sharding.spec == PartitionSpec("fsdp", "tensor", None)
-    embedding = state.params["embedder"]["embedding"]
+    embedding = state.trainable["embedder"]["embedding"]
     assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
-    norm = state.params["decoder"]["final_norm"]["scale"]
+    norm = state.trainable["decoder"]["final_norm"]["scale"]
     assert norm.sharding.spec == PartitionSpec(None)
     # Adam moments follow their params.
-    mu = state.opt_state[1][0].mu["decoder"]["layers_0"]["mlp"]["wi_gate"]["kernel"]
+    adam = state.opt_state[1].inner_states["all"].inner_state[0]
+    mu = adam.mu["decoder"]["layers_0"]["mlp"]["wi_gate"]["kernel"]
     assert mu.sharding.spec == PartitionSpec("fsdp", "tensor")
