@@ -20,7 +20,6 @@ import logging
 import pathlib
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -33,8 +32,10 @@ from mllm_jax.layers.lora_params import ADAPTER_PARAM_REGEX
 from mllm_jax.models.multimodal_lm import MultimodalLM
 from mllm_jax.recipes import llava_data, llava_models
 from mllm_jax.recipes.llava_data import load_source
+from mllm_jax.recipes.llava_stage_config import config_json, per_process, stage_seed
 from mllm_jax.recipes.llava_stage_dirs import check_predecessors, results_dir, stage_dir
 from mllm_jax.recipes.text_samples import text_only
+from mllm_jax.recipes.vision_pretraining import stage0_vision_task
 from mllm_jax.train import checkpoint as checkpoint_lib
 from mllm_jax.train import evaluate_vqa
 from mllm_jax.train.multimodal_task import make_stream, multimodal_loss_fn, text_loss_fn
@@ -44,13 +45,6 @@ from mllm_jax.train.trainer import TrainResult, TrainTask, train
 
 PROJECTOR_PATTERN = r"^projector/"
 LM_PATTERN = r"^lm/"
-STAGE_SEEDS = {"stage0_vision": 0, "stage0_lm": 1, "stage1": 2, "stage2": 3}
-
-
-def stage_seed(config: Any, stage: str) -> int:
-    """The seed of ``stage``'s init, data order and dropout: distinct per stage and
-    ``config.seed``."""
-    return config.seed * 100 + STAGE_SEEDS[stage]
 
 
 def tokenizer_path(config: Any) -> pathlib.Path:
@@ -88,12 +82,6 @@ def stage_training(config: Any, section: Any) -> ml_collections.ConfigDict:
     return training
 
 
-def per_process(batch_size: int) -> int:
-    if batch_size % jax.process_count():
-        raise ValueError(f"batch_size {batch_size} is not divisible by {jax.process_count()} hosts")
-    return batch_size // jax.process_count()
-
-
 def packing_spec(config: Any, section: Any, tokenizer: Tokenizer, max_images: int) -> PackingSpec:
     height, width = llava_models.vit_config(config).grid_shape()
     return PackingSpec(
@@ -116,10 +104,6 @@ def pipeline_options(config: Any, section: Any, stage: str, *, augment: bool) ->
         read_threads=config.data.read_threads,
         read_buffer_size=config.data.read_buffer_size,
     )
-
-
-def config_json(config: Any) -> dict:
-    return config.to_dict()
 
 
 def train_stream(config: Any, stage: str, tokenizer: Tokenizer):
@@ -326,8 +310,6 @@ def run_task(config: Any, task: TrainTask, section: Any, workdir: pathlib.Path) 
 
 def build_task(config: Any, stage: str, tokenizer: Tokenizer, workdir: pathlib.Path) -> TrainTask:
     if stage == "stage0_vision":
-        from mllm_jax.recipes.vision_pretraining import stage0_vision_task
-
         return stage0_vision_task(config, tokenizer)
     if stage == "stage0_lm":
         return stage0_lm_task(config, tokenizer)

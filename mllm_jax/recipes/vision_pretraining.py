@@ -25,7 +25,9 @@ from mllm_jax.data.image_text import (
 from mllm_jax.data.images import ImagePreprocessing
 from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.models.clip import CLIPConfig, CLIPModel
-from mllm_jax.recipes import llava_models, llava_stages
+from mllm_jax.recipes import llava_models
+from mllm_jax.recipes.llava_data import load_source
+from mllm_jax.recipes.llava_stage_config import config_json, per_process, stage_seed
 from mllm_jax.train.contrastive_loss import multi_positive_info_nce
 from mllm_jax.train.param_groups import ParamGroup
 from mllm_jax.train.trainer import TrainTask
@@ -103,11 +105,11 @@ def stage0_vision_task(config: Any, tokenizer: Tokenizer) -> TrainTask:
     preprocessing = ImagePreprocessing(size=config.data.image_size)
     classes = caption_classes()
     train_table = load_image_text_table(
-        llava_stages.load_source(config, "easy_vqa_captions", "train"), tokenizer, preprocessing,
+        load_source(config, "easy_vqa_captions", "train"), tokenizer, preprocessing,
         max_text_len=MAX_CAPTION_TOKENS, classes=classes,
     )  # fmt: skip
     test_table = load_image_text_table(
-        llava_stages.load_source(config, "easy_vqa_captions", "test"), tokenizer, preprocessing,
+        load_source(config, "easy_vqa_captions", "test"), tokenizer, preprocessing,
         max_text_len=MAX_CAPTION_TOKENS, classes=classes,
     )  # fmt: skip
     size = config.data.image_size
@@ -116,8 +118,8 @@ def stage0_vision_task(config: Any, tokenizer: Tokenizer) -> TrainTask:
 
     def make_train_stream():
         options = ImageTextOptions(
-            batch_size=llava_stages.per_process(section.batch_size),
-            seed=config.seed * 100 + llava_stages.STAGE_SEEDS["stage0_vision"],
+            batch_size=per_process(section.batch_size),
+            seed=stage_seed(config, "stage0_vision"),
             flip=section.augment,
             translate=section.augment,
             prefetch_batches=config.data.prefetch_batches,
@@ -151,5 +153,5 @@ def stage0_vision_task(config: Any, tokenizer: Tokenizer) -> TrainTask:
         ],
         make_train_stream=make_train_stream,
         evaluate=evaluate,
-        config=llava_stages.config_json(config),
+        config=config_json(config),
     )
