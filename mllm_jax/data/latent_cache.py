@@ -20,25 +20,28 @@ import pathlib
 from collections.abc import Sequence
 
 import grain
+import jax
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
+from rich.console import Console
+from rich.progress import track
 
 from mllm_jax.data.paired_datasets import ImageTextPairs
 from mllm_jax.data.sample import BadRecordError
 from mllm_jax.encoders import ImageEncoder, TextEncoder
-from mllm_jax.train.progress import ProgressBar
 
 META_FILE = "meta.json"
 
 
 def _encode_images(encoder: ImageEncoder, images: np.ndarray, batch_size: int, name: str):
-    bar = ProgressBar(max(1, -(-len(images) // batch_size)), description=f"encode {name}",
-                      min_interval_s=10.0)  # fmt: skip
-    chunks = []
-    for step, start in enumerate(range(0, len(images), batch_size), 1):
-        chunks.append(np.asarray(encoder(images[start : start + batch_size]), np.float32))
-        bar.update(step)
-    bar.close()
+    # A live bar on a terminal; in logs rich prints one line, when the loop ends.
+    starts = track(
+        range(0, len(images), batch_size),
+        description=f"encode {name}",
+        console=Console(stderr=True),
+        disable=jax.process_index() != 0,
+    )
+    chunks = [np.asarray(encoder(images[s : s + batch_size]), np.float32) for s in starts]
     return np.concatenate(chunks)
 
 

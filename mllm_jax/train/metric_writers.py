@@ -1,16 +1,20 @@
 """Per-step scalar metrics to a JSON-lines file and to TensorBoard event files.
 
 One ``MetricWriter.write(step, metrics)`` call appends one JSON object ``{"step": step, ...}`` to
-``logdir/metrics.jsonl`` and one TensorBoard event with a scalar summary per key under
-``logdir/tensorboard/``. The JSONL file is opened in append mode, so a resumed run continues the
-file of the run it resumes; steps the crashed run logged after its last checkpoint appear twice.
+``logdir/metrics.jsonl`` and one scalar per key to TensorBoard under ``logdir/tensorboard/``
+(written with ``tensorboardX``). The JSONL file is opened in append mode, so a resumed run
+continues the file of the run it resumes. A run resumed from the checkpoint at step N passes
+``resume_step=N``: the records after step N that the interrupted run wrote are dropped from the
+JSONL file, and TensorBoard hides that run's events from step N + 1 on (tensorboardX's
+``purge_step``), so every step shows one value.
 
 Non-finite floats are written to JSON as the strings ``"NaN"``, ``"Infinity"`` and
 ``"-Infinity"`` (strict JSON has no such numbers; ``null`` would lose which one it was), and
 ``read_jsonl`` turns them back into floats. TensorBoard stores them as float32 NaN/inf.
 
-TensorBoard events are written with ``tensorboard``'s own event-file writer and protos, which work
-without TensorFlow installed; ``logdir`` must then be a local path.
+The JSONL half is written here rather than with a library: the strict-JSON non-finite encoding,
+the resume rewrite and ``read_jsonl``'s file:line errors are what callers rely on, and no
+installed writer (tensorboardX, clu) provides them.
 
 Only process 0 writes; on the other processes of a multi-host run every method is a no-op and no
 file is created.
@@ -24,13 +28,12 @@ import math
 import os
 import pathlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboardX import SummaryWriter
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +78,46 @@ def _drop_incomplete_last_line(path: pathlib.Path) -> None:
     )
 
 
+def _parsed_lines(path: pathlib.Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each non-blank line of a JSONL file with its JSON object; errors name the file and line."""
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {line!r}")
+            yield line, record
+
+
+def _drop_records_after(path: pathlib.Path, last_step: int) -> None:
+    """Rewrites the JSONL file without the records whose step is after ``last_step``."""
+    if not path.exists():
+        return
+    parsed = list(_parsed_lines(path))
+    kept = [line for line, record in parsed if record["step"] <= last_step]
+    if len(kept) == len(parsed):
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
+    logger.warning(
+        "%s: dropped %d records after step %d, left by the interrupted run",
+        path,
+        len(parsed) - len(kept),
+        last_step,
+    )
+
+
 class MetricWriter:
     """Appends ``{"step": step, **metrics}`` to a JSONL file and scalars to TensorBoard.
 
-    Use as a context manager or call ``close``. Not thread-safe.
+    ``resume_step``: the step the run resumes from; later records and events of the interrupted
+    run are dropped (JSONL) or hidden (TensorBoard). Use as a context manager or call ``close``.
+    Not thread-safe.
     """
 
     def __init__(
@@ -87,6 +126,7 @@ class MetricWriter:
         *,
         jsonl_name: str = "metrics.jsonl",
         tensorboard: bool = True,
+        resume_step: int | None = None,
     ):
         self.logdir = pathlib.Path(logdir)
         self.jsonl_path = self.logdir / jsonl_name
@@ -99,9 +139,17 @@ class MetricWriter:
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
         _drop_incomplete_last_line(self.jsonl_path)
+        if resume_step is not None:
+            _drop_records_after(self.jsonl_path, resume_step)
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
         if tensorboard:
-            self._events = EventFileWriter(str(self.tensorboard_dir))
+            self._events = SummaryWriter(
+                str(self.tensorboard_dir),
+                purge_step=None if resume_step is None else resume_step + 1,
+                # tensorboardX names files by the second only: a writer opened in the same second
+                # as the last one would overwrite its file. The suffix keeps them apart, in order.
+                filename_suffix=f".{time.time_ns()}",
+            )
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Records scalar ``metrics`` (Python, NumPy or JAX scalars) at ``step``; flushes files."""
@@ -119,15 +167,8 @@ class MetricWriter:
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._events is not None:
-            summary = summary_pb2.Summary(
-                value=[
-                    summary_pb2.Summary.Value(tag=key, simple_value=float(value))
-                    for key, value in values.items()
-                ]
-            )
-            self._events.add_event(
-                event_pb2.Event(wall_time=time.time(), step=step, summary=summary)
-            )
+            for key, value in values.items():
+                self._events.add_scalar(key, float(value), global_step=step)
             self._events.flush()
 
     def close(self) -> None:
@@ -152,22 +193,10 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     Raises ``ValueError`` naming the file and line of a line that is not a JSON object.
     """
-    path = pathlib.Path(path)
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {line!r}")
-            records.append(
-                {
-                    key: _JSON_TO_NON_FINITE.get(value, value) if isinstance(value, str) else value
-                    for key, value in record.items()
-                }
-            )
-    return records
+    return [
+        {
+            key: _JSON_TO_NON_FINITE.get(value, value) if isinstance(value, str) else value
+            for key, value in record.items()
+        }
+        for _, record in _parsed_lines(pathlib.Path(path))
+    ]

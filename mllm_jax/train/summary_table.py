@@ -1,21 +1,30 @@
-"""Plain-text tables for run summaries and experiment results, aligned for logs and terminals.
+"""Plain-text tables for run summaries and experiment results, rendered by ``rich`` for logs.
 
     name      step    loss  accuracy
-    --------  ----  ------  --------
+    --------------------------------
     baseline  1000  2.3457
     lora       200  1.5000    0.2500
 
 Numeric columns are right-aligned, others left-aligned; ints print as ints, floats with
-``float_format``, missing cells and ``None`` as blanks. Lines carry no trailing spaces.
+``float_format``, missing cells and ``None`` as blanks. The text has no colour or markup, and its
+lines carry no trailing spaces.
 """
 
 from __future__ import annotations
 
+import io
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-_GAP = "  "
+from rich.box import Box
+from rich.console import Console
+from rich.table import Table
+
+# No edges and no lines but a rule under the header; columns two spaces apart (see _table).
+_RULE_UNDER_HEADER = Box("    \n    \n----\n    \n    \n    \n    \n    \n", ascii=True)
+# Tables are never wrapped: rich would otherwise fit them into 80 columns.
+_UNLIMITED_WIDTH = 10_000
 
 
 def _is_number(value: Any) -> bool:
@@ -33,6 +42,27 @@ def format_cell(value: Any, float_format: str = ".4f") -> str:
     return str(value)
 
 
+def _table(header: Sequence[str], right_aligned: Sequence[bool]) -> Table:
+    # A one-space column divider plus one space of left padding (none on the first column).
+    table = Table(box=_RULE_UNDER_HEADER, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
+    for name, right in zip(header, right_aligned, strict=True):
+        table.add_column(name, justify="right" if right else "left", no_wrap=True)
+    return table
+
+
+def _render(table: Table) -> str:
+    console = Console(
+        file=io.StringIO(),
+        width=_UNLIMITED_WIDTH,
+        color_system=None,
+        markup=False,
+        emoji=False,
+        highlight=False,
+    )
+    console.print(table)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
+
+
 def format_table(
     rows: Sequence[Mapping[str, Any]],
     columns: Sequence[str] | None = None,
@@ -45,34 +75,19 @@ def format_table(
         columns = list(dict.fromkeys(key for row in rows for key in row))
     if not columns:
         return ""
-    cells = [[format_cell(row.get(column), float_format) for column in columns] for row in rows]
-    widths = [
-        max([len(column)] + [len(row[index]) for row in cells])
-        for index, column in enumerate(columns)
-    ]
     right_aligned = []
     for column in columns:
         present = [row[column] for row in rows if row.get(column) is not None]
         right_aligned.append(bool(present) and all(_is_number(value) for value in present))
-
-    def line(texts: Sequence[str]) -> str:
-        padded = (
-            text.rjust(width) if right else text.ljust(width)
-            for text, width, right in zip(texts, widths, right_aligned, strict=True)
-        )
-        return _GAP.join(padded).rstrip()
-
-    lines = [line(columns), line(["-" * width for width in widths])]
-    lines.extend(line(row) for row in cells)
-    return "\n".join(lines)
+    table = _table(columns, right_aligned)
+    for row in rows:
+        table.add_row(*(format_cell(row.get(column), float_format) for column in columns))
+    return _render(table)
 
 
 def format_key_values(mapping: Mapping[str, Any], title: str, *, float_format: str = ".4f") -> str:
     """``title``, a rule, then one ``key  value`` line per item with the values in one column."""
-    key_width = max((len(key) for key in mapping), default=0)
-    body = [
-        f"{key.ljust(key_width)}{_GAP}{format_cell(value, float_format)}".rstrip()
-        for key, value in mapping.items()
-    ]
-    rule = "-" * max([len(title)] + [len(text) for text in body])
-    return "\n".join([title, rule, *body])
+    table = _table([title, ""], [False, False])
+    for key, value in mapping.items():
+        table.add_row(key, format_cell(value, float_format))
+    return _render(table)

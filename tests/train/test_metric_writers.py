@@ -68,6 +68,52 @@ def test_a_resumed_writer_continues_the_same_file(tmp_path):
     ]
 
 
+def test_resume_step_drops_the_later_records_of_the_interrupted_run(tmp_path, caplog):
+    # The interrupted run logged steps 1..5; its last checkpoint was at step 3.
+    with MetricWriter(tmp_path, tensorboard=False) as writer:
+        for step in range(1, 6):
+            writer.write(step, {"loss": float(step)})
+    with MetricWriter(tmp_path, tensorboard=False, resume_step=3) as writer:
+        assert [r["step"] for r in read_jsonl(writer.jsonl_path)] == [1, 2, 3]
+        for step in range(4, 7):
+            writer.write(step, {"loss": -float(step)})
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 2.0},
+        {"step": 3, "loss": 3.0},
+        {"step": 4, "loss": -4.0},
+        {"step": 5, "loss": -5.0},
+        {"step": 6, "loss": -6.0},
+    ]
+    assert "dropped 2 records after step 3" in caplog.text
+
+
+def test_resume_step_without_an_earlier_file_starts_a_new_one(tmp_path):
+    with MetricWriter(tmp_path / "run", tensorboard=False, resume_step=7) as writer:
+        writer.write(8, {"loss": 1.0})
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl") == [{"step": 8, "loss": 1.0}]
+
+
+def test_after_a_resume_tensorboard_shows_one_value_per_step(tmp_path):
+    with MetricWriter(tmp_path) as writer:
+        for step in range(1, 6):
+            writer.write(step, {"loss": float(step)})
+    with MetricWriter(tmp_path, resume_step=3) as writer:
+        for step in range(4, 7):
+            writer.write(step, {"loss": -float(step)})
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("loss")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, -4.0),
+        (5, -5.0),
+        (6, -6.0),
+    ]
+
+
 def test_an_interrupted_last_record_is_dropped_when_the_file_is_reopened(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     fragment = '{"step": 2, "lo'
@@ -96,6 +142,15 @@ def test_tensorboard_reads_back_the_scalar_tags_steps_and_values(tmp_path):
         "accuracy": [(10, 0.125), (30, 0.5)],
         "eval_loss": [(30, 1.0)],
     }
+
+
+def test_tensorboard_stores_non_finite_values_as_float_nan_and_inf(tmp_path):
+    with MetricWriter(tmp_path) as writer:
+        writer.write(1, {"a": float("nan"), "b": -math.inf})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert math.isnan(events.Scalars("a")[0].value)
+    assert events.Scalars("b")[0].value == -math.inf
 
 
 def test_without_tensorboard_no_event_files_are_written(tmp_path):
