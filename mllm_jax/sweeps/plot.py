@@ -1,6 +1,7 @@
 """Bar charts of per-group metric means with sample-std error bars, one panel per metric.
 
-Drawn on a ``matplotlib.figure.Figure`` with an Agg canvas (no pyplot), as in ``train/plots.py``.
+Drawn on a ``matplotlib.figure.Figure`` with an Agg canvas (no pyplot) by ``train/plots.py``'s
+``new_figure``; without matplotlib (the ``plots`` extra) there is no plot and one warning.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ import os
 import pathlib
 from collections.abc import Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from mllm_jax.sweeps.aggregate import Group
+from mllm_jax.train.plots import new_figure
 
 _COLUMNS = 3
 
@@ -22,14 +21,16 @@ def plot_groups(
     groups: Sequence[Group], metrics: Sequence[str], path: str | os.PathLike[str], title: str = ""
 ) -> pathlib.Path | None:
     """Writes a PNG with one bar chart per metric (a bar per group, std error bars, n under each
-    label) to ``path`` and returns it; None, writing nothing, without metrics or groups."""
+    label) to ``path`` and returns it; None, writing nothing, without metrics or groups or
+    without matplotlib."""
     if not metrics or not groups:
         return None
     columns = min(_COLUMNS, len(metrics))
     rows = math.ceil(len(metrics) / columns)
     panel_width = max(3.5, 0.7 * len(groups) + 1.5)
-    figure = Figure(figsize=(panel_width * columns, 3.8 * rows), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure((panel_width * columns, 3.8 * rows))
+    if figure is None:
+        return None
     positions = list(range(len(groups)))
     for index, metric in enumerate(metrics):
         axes = figure.add_subplot(rows, columns, index + 1)

@@ -2,11 +2,14 @@
 
 Figures are drawn on ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot, so
 plotting from a training process opens no window, touches no global figure registry and works
-on headless TPU VMs.
+on headless TPU VMs. matplotlib is optional (the ``plots`` extra, part of ``demo`` and ``test``):
+a run is the same without it, only without its PNGs, and the process logs one warning saying so.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import numbers
 import os
@@ -14,8 +17,28 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+@functools.cache
+def _figure_classes() -> tuple[type, type] | None:
+    """(Figure, FigureCanvasAgg), or None after one warning when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as e:
+        logging.warning("no PNG plots: %s is not installed (pip install 'mllm_jax[plots]')", e.name)
+        return None
+    return Figure, FigureCanvasAgg
+
+
+def new_figure(figsize: tuple[float, float], dpi: int = 100) -> Any:
+    """A ``matplotlib.figure.Figure`` on an Agg canvas; None when matplotlib is not installed."""
+    classes = _figure_classes()
+    if classes is None:
+        return None
+    figure_class, canvas_class = classes
+    figure = figure_class(figsize=figsize, dpi=dpi)
+    canvas_class(figure)
+    return figure
 
 
 def _is_loss(key: str) -> bool:
@@ -49,10 +72,8 @@ def _series(
 
 
 def _save_plot(
-    series: dict[str, tuple[list[int], list[float]]], ylabel: str, path: pathlib.Path
+    figure: Any, series: dict[str, tuple[list[int], list[float]]], ylabel: str, path: pathlib.Path
 ) -> None:
-    figure = Figure(figsize=(8, 5), dpi=100)
-    FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for key in sorted(series):
         steps, values = series[key]
@@ -75,7 +96,8 @@ def plot_curves(
 
     ``loss.png`` plots every key that ends in ``loss`` against ``step``, ``accuracy.png`` every
     key containing ``accuracy``; keys starting with ``eval`` are drawn as markers. Non-finite and
-    non-numeric values are left out; a plot with no finite point is not written.
+    non-numeric values are left out; a plot with no finite point is not written. Without
+    matplotlib nothing is written (see the module docstring).
     """
     out_dir = pathlib.Path(out_dir)
     written = []
@@ -83,8 +105,11 @@ def plot_curves(
         series = _series(records, select)
         if not series:
             continue
+        figure = new_figure((8, 5))
+        if figure is None:
+            break
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{prefix}{name}.png"
-        _save_plot(series, name, path)
+        _save_plot(figure, series, name, path)
         written.append(path)
     return written

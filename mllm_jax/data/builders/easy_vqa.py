@@ -2,7 +2,7 @@
 
 One record per question of the installed ``easy_vqa`` package (38,575 train / 9,673 test), in the
 package's order. Images are stored as the package's PNG file bytes; decoding happens in the input
-pipeline.
+pipeline. The package (the ``demo`` extra) is imported on first use, not with this module.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import functools
 import pathlib
 from collections.abc import Iterator
 
-import easy_vqa
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -20,7 +19,19 @@ from mllm_jax.data.builders.builder_base import OfflineBuilder
 from mllm_jax.data.sample import IMAGE_PLACEHOLDER, BadRecordError, Sample, Turn
 
 SPLITS = ("train", "test")
-ANSWERS: tuple[str, ...] = tuple(easy_vqa.get_answers())
+
+
+@functools.cache
+def answers() -> tuple[str, ...]:
+    """The answer classes in the easy_vqa package's order: class label i is ``answers()[i]``."""
+    return tuple(questions_lib.easy_vqa_package().get_answers())
+
+
+def __getattr__(name: str):
+    # ``ANSWERS`` = answers(), read on first use so that importing the module needs no easy_vqa.
+    if name == "ANSWERS":
+        return answers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
@@ -51,7 +62,7 @@ class EasyVqa(OfflineBuilder):
                     "id": tfds.features.Text(),
                     "image": tfds.features.Tensor(shape=(), dtype=np.object_),
                     "question": tfds.features.Text(),
-                    "answer": tfds.features.ClassLabel(names=ANSWERS),
+                    "answer": tfds.features.ClassLabel(names=answers()),
                     "image_id": tfds.features.Scalar(dtype=np.int64),
                     "question_type": tfds.features.ClassLabel(names=questions_lib.QUESTION_TYPES),
                 }
@@ -92,7 +103,7 @@ def to_sample(record: dict) -> Sample:
         id=record["id"].decode(),
         turns=(
             Turn(role="user", text=f"{IMAGE_PLACEHOLDER}\n{record['question'].decode()}"),
-            Turn(role="assistant", text=ANSWERS[int(record["answer"])]),
+            Turn(role="assistant", text=answers()[int(record["answer"])]),
         ),
         images=(bytes(record["image"]),),
     )

@@ -31,7 +31,7 @@ from PIL import Image
 
 from mllm_jax.data.builders import easy_vqa_questions as questions_lib
 from mllm_jax.data.builders.builder_base import OfflineBuilder
-from mllm_jax.data.builders.easy_vqa import ANSWERS, SPLITS, image_bytes
+from mllm_jax.data.builders.easy_vqa import SPLITS, answers, image_bytes
 from mllm_jax.data.builders.easy_vqa_captions import ImageLabels, label_split
 from mllm_jax.data.builders.easy_vqa_interleaved import ATTRIBUTES, InterleavedConfig
 
@@ -134,7 +134,7 @@ class EasyVqaGrid(OfflineBuilder):
                     "id": tfds.features.Text(),
                     "image": tfds.features.Tensor(shape=(), dtype=np.object_),
                     "question": tfds.features.Text(),
-                    "answer": tfds.features.ClassLabel(names=ANSWERS),
+                    "answer": tfds.features.ClassLabel(names=answers()),
                     "question_type": tfds.features.ClassLabel(names=questions_lib.QUESTION_TYPES),
                     "image_ids": tfds.features.Tensor(shape=(len(POSITIONS),), dtype=np.int64),
                     "position": tfds.features.ClassLabel(names=POSITIONS),

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from types import ModuleType
 
-import easy_vqa
+from mllm_jax.optional_packages import import_optional
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -134,9 +135,15 @@ class EasyVqaSplit:
     image_paths: dict[int, str]
 
 
+def easy_vqa_package() -> ModuleType:
+    """The installed ``easy_vqa`` package (the ``demo`` extra); ModuleNotFoundError without it."""
+    return import_optional("easy_vqa", extra="demo", needed_for="the easy-VQA datasets")
+
+
 @functools.cache
 def load_split(split: str) -> EasyVqaSplit:
     """The "train" or "test" split of the installed easy_vqa package."""
+    easy_vqa = easy_vqa_package()
     readers = {
         "train": (easy_vqa.get_train_questions, easy_vqa.get_train_image_paths),
         "test": (easy_vqa.get_test_questions, easy_vqa.get_test_image_paths),
