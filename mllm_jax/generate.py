@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from mllm_jax.command_line import run_command
 from mllm_jax.data.images import ImagePreprocessing
 from mllm_jax.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
 from mllm_jax.data.templates import V1_SYSTEM_PROMPT, prompt_for_generation
@@ -252,5 +253,10 @@ def main(argv: Sequence[str]) -> None:
     print(answer)
 
 
+def run() -> None:
+    """The ``mllm-generate`` command."""
+    run_command(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -18,6 +18,7 @@ import sys
 
 from absl import app, flags, logging
 
+from mllm_jax.command_line import run_command
 from mllm_jax.sweeps.aggregate import aggregate, collect_results, select_metrics
 from mllm_jax.sweeps.definition import load_sweep
 from mllm_jax.sweeps.overrides import OverrideError
@@ -74,5 +75,10 @@ def main(argv):
         sys.exit(f"{len(failed)} of {len(planned)} points failed: {failed}")
 
 
+def run() -> None:
+    """The ``mllm-sweep`` command."""
+    run_command(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

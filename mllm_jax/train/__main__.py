@@ -13,6 +13,8 @@ Any config field can be overridden, e.g. ``--config.model.num_layers=2``.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mllm_jax.command_line import run_command
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (optionally :arg).")
 flags.DEFINE_string("workdir", None, "Directory for config.json and metrics.jsonl.")
@@ -47,5 +49,10 @@ def main(argv):
         run_text_lm(FLAGS.config, FLAGS.workdir)
 
 
+def run() -> None:
+    """The ``mllm-train`` command."""
+    run_command(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -9,7 +9,7 @@
 
 Each module has a ``to_sample(record) -> Sample``. ``prepare`` builds a dataset by name and
 ``load_samples`` reads a split back as records plus that conversion (``registry.py``);
-``tools/prepare_data.py`` is the command line.
+``mllm-prepare-data`` (``mllm_jax/data/prepare_cli.py``) is the command line.
 """
 
 from mllm_jax.data.builders.registry import (

@@ -113,7 +113,7 @@ def load_samples(dataset_name: str, data_dir: str, split: str, **options: Any) -
     if not builder.is_prepared():
         raise FileNotFoundError(
             f"{dataset_name} with options {options} is not prepared in {data_dir} "
-            f"(looked in {builder.data_dir}); run tools/prepare_data.py --dataset {dataset_name}"
+            f"(looked in {builder.data_dir}); run mllm-prepare-data --dataset {dataset_name}"
         )
     return SampleSource(
         records=builder.as_data_source(split=split), to_sample=_entry(dataset_name).to_sample
