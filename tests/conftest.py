@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+# Tests run on the CPU; libtpu (installed for the AOT tests) must not go probing for a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()

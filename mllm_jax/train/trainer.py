@@ -182,17 +182,25 @@ def _flops_of(compiled: Any, num_devices: int) -> float | None:
     return float(analysis["flops"]) * num_devices
 
 
-def _init_state(task, grouped, mesh, rules, rng):
-    """The step-0 state born sharded, its shardings, and the fresh params' kept-init paths."""
+def _init_state(task, grouped, mesh, rules, rng, *, abstract: bool = False):
+    """The step-0 state born sharded and its shardings; with ``abstract``, ShapeDtypeStructs
+    carrying those shardings instead of arrays (nothing is allocated or run)."""
 
     def init_state(rng):
         return GroupedTrainState.create(task.init_params(rng), grouped)
 
     with sharding.mesh_context(mesh, rules):
-        abstract = jax.eval_shape(init_state, rng)
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-        sharding.check_divisible(sharding.strip_boxes(abstract), shardings)
-        state = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=shardings)(rng)
+        shapes = jax.eval_shape(init_state, rng)
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(shapes), mesh, rules)
+        sharding.check_divisible(sharding.strip_boxes(shapes), shardings)
+        if abstract:
+            state = jax.tree_util.tree_map(
+                lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+                sharding.strip_boxes(shapes),
+                shardings,
+            )
+        else:
+            state = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=shardings)(rng)
     return state, shardings
 
 
@@ -229,13 +237,19 @@ def prepare_step(
     mesh: Mesh,
     rules: sharding.LogicalRules,
     seed: int = 0,
+    abstract: bool = False,
 ) -> PreparedStep:
-    """Everything ``train`` runs before its first step, for benchmarks, AOT compiles and tests."""
+    """Everything ``train`` runs before its first step, for benchmarks, AOT compiles and tests.
+
+    ``abstract=True`` gives the state as ShapeDtypeStructs with their shardings (no
+    pretrained weights overlaid): enough to ``step_fn.lower(...)`` for devices that are not
+    attached, e.g. a TPU topology (``mllm_jax.aot``).
+    """
     num_steps = int(training_config.num_steps)
     grouped = make_grouped_optimizer(optimizer_config, task.param_groups, num_steps)
     init_rng, step_rng = jax.random.split(jax.random.key(seed))
-    state, state_shardings = _init_state(task, grouped, mesh, rules, init_rng)
-    if task.pretrained is not None:
+    state, state_shardings = _init_state(task, grouped, mesh, rules, init_rng, abstract=abstract)
+    if task.pretrained is not None and not abstract:
         state, kept = _overlay(state, grouped, task.pretrained, f"{task.name} pretrained weights")
         if kept:
             logging.info("%s: %d params keep their fresh init: %s", task.name, len(kept), kept)
@@ -333,7 +347,8 @@ def train(
 
     peak_flops = mfu_lib.total_peak_flops(jax.devices(), tc.get("cpu_peak_flops_per_host"))
 
-    writer = MetricWriter(workdir)
+    # Records an interrupted run logged past its last checkpoint are dropped: they are redone.
+    writer = MetricWriter(workdir, resume_step=start_step)
     history: list[dict] = []
     progress = None
     if tc.get("progress_bar", True) and start_step < num_steps:
