@@ -72,4 +72,3 @@ def test_killed_and_resumed_text_lm_ends_bit_identical(name, tmp_path):
     records = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
     assert [r["loss"] for r in records] == [losses[step] for step in range(1, 9)]
-
