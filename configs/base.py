@@ -162,6 +162,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             remat_policy=args.remat,
             dtype="float32",
             param_dtype="float32",
+            # > 0: the training and eval cross-entropy compute logits this many positions at a
+            # time (train/losses.py chunked_cross_entropy_loss), so the [B, N, V] float32 logits
+            # never exist at once, forward or backward; 0: the plain loss over all logits.
+            loss_chunk_size=0,
         )
     )
 

@@ -153,6 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             remat_policy="none",
             dtype="float32",
             param_dtype="float32",
+            loss_chunk_size=0,  # > 0: chunked cross-entropy, as configs/base.py
             projector="vce",
             fusion="early",
             adapter=dict(

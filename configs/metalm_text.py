@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             head_dim=width // 4, mlp_dim=3 * width, mlp_activation="swiglu", norm="rmsnorm",
             norm_epsilon=1e-6, rope_max_wavelength=10_000.0, tie_embeddings=True,
             scan_layers=False, remat_policy="none", dtype="float32", param_dtype="float32",
+            loss_chunk_size=0,  # > 0: chunked cross-entropy, as configs/base.py
         )
     )  # fmt: skip
     # The bidirectional encoder: narrower than the decoder (METALM: 1024 vs 2048).

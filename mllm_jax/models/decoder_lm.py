@@ -164,9 +164,14 @@ class DecoderLM(nn.Module):
         """Embeddings [B, N, E] -> logits [B, N, V]; keyword arguments as ``hidden_states``."""
         return self.logits(self.hidden_states(x, **kwargs))
 
-    def __call__(self, tokens: jnp.ndarray, **kwargs) -> jnp.ndarray:
+    def __call__(
+        self, tokens: jnp.ndarray, *, return_hidden: bool = False, **kwargs
+    ) -> jnp.ndarray:
         """[B, N] ids -> [B, N, V] float32 logits; position p scores token p + 1.
 
-        Keyword arguments as ``hidden_states`` (mask_ar, input_mask, segment_ids, positions).
+        ``return_hidden``: return the final-norm hidden states [B, N, E] instead, for a loss
+        that applies ``logits`` to them chunk by chunk (``train.losses``). Other keyword
+        arguments as ``hidden_states`` (mask_ar, input_mask, segment_ids, positions).
         """
-        return self.decode(self.embed(tokens), **kwargs)
+        x = self.embed(tokens)
+        return self.hidden_states(x, **kwargs) if return_hidden else self.decode(x, **kwargs)

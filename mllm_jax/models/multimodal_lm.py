@@ -190,11 +190,13 @@ class MultimodalLM(nn.Module):
         image_slot: jnp.ndarray,
         image_patch: jnp.ndarray,
         mask_ar: jnp.ndarray | None = None,
+        return_hidden: bool = False,
     ) -> jnp.ndarray:
         """Batch-contract fields ([B, N] and images [B, M, H, W, 3]) -> [B, N, V] logits.
 
         In joint fusion these are early fusion's logits; ``joint_outputs`` adds the
-        contrastive embeddings.
+        contrastive embeddings. ``return_hidden``: the decoder's final-norm hidden states
+        [B, N, D] instead, for a loss that applies ``lm.logits`` chunk by chunk.
         """
         cfg = self.config
         if cfg.fusion == "late":
@@ -210,15 +212,16 @@ class MultimodalLM(nn.Module):
             mask_ar=mask_ar, input_mask=segment_ids > 0, segment_ids=segment_ids,
             positions=positions,
         )  # fmt: skip
+        run_lm = self.lm.hidden_states if return_hidden else self.lm.decode
         if cfg.fusion in ("early", "joint"):
             x = self.input_embeddings(tokens, images, image_slot, image_patch)
-            return self.lm.decode(x, **common)
+            return run_lm(x, **common)
         x = self.lm.embed(tokens)
         image_tokens = self.encode_images(images)
         batch, slots, per_image, width = image_tokens.shape
         cross_mask = make_cross_attention_mask(image_slot, segment_ids, slots, per_image)
         context = image_tokens.reshape(batch, slots * per_image, width)
-        return self.lm.decode(x, cross_inputs=context, cross_mask=cross_mask, **common)
+        return run_lm(x, cross_inputs=context, cross_mask=cross_mask, **common)
 
     def joint_outputs(
         self,

@@ -272,15 +272,18 @@ class SemiCausalLM(nn.Module):
         images: jnp.ndarray | None = None,
         image_slot: jnp.ndarray | None = None,
         image_patch: jnp.ndarray | None = None,
+        return_hidden: bool = False,
     ) -> jnp.ndarray:
         """Batch-contract fields [B, N] plus ``span_ids`` [B, N] -> [B, N, V] float32 logits.
 
         Position p scores token p + 1; train it where ``span_target_mask`` (and the batch's
-        ``loss_mask``) allow.
+        ``loss_mask``) allow. ``return_hidden``: the decoder's final-norm hidden states
+        [B, N, D] instead, for a loss that applies ``lm.logits`` chunk by chunk.
         """
         x = self.decoder_inputs(tokens, span_ids, images, image_slot, image_patch)
         mask_ar = span_mask_ar(span_ids) if self.config.mode == "prefix" else None
-        return self.lm.decode(
+        run_lm = self.lm.hidden_states if return_hidden else self.lm.decode
+        return run_lm(
             x,
             mask_ar=mask_ar,
             input_mask=segment_ids > 0,

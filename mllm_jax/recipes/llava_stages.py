@@ -38,6 +38,7 @@ from mllm_jax.recipes.text_samples import text_only
 from mllm_jax.recipes.vision_pretraining import stage0_vision_task
 from mllm_jax.train import checkpoint as checkpoint_lib
 from mllm_jax.train import evaluate_vqa
+from mllm_jax.train.losses import loss_chunk_size_from
 from mllm_jax.train.multimodal_task import make_stream, multimodal_loss_fn, text_loss_fn
 from mllm_jax.train.param_groups import ParamGroup
 from mllm_jax.train.pretrained import nest_under
@@ -145,7 +146,7 @@ def stage0_lm_task(config: Any, tokenizer: Tokenizer) -> TrainTask:
         init_params=lambda rng: model.init(rng, example, segment_ids=example, positions=example)[
             "params"
         ],
-        loss_fn=text_loss_fn(model),
+        loss_fn=text_loss_fn(model, loss_chunk_size=loss_chunk_size_from(config.model)),
         param_groups=[ParamGroup(name="lm", patterns=(".",), learning_rate=section.learning_rate)],
         make_train_stream=lambda: train_stream(config, "stage0_lm", tokenizer),
         config=config_json(config),
@@ -209,7 +210,7 @@ def stage1_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
     return TrainTask(
         name="stage1",
         init_params=_multimodal_init(model, spec),
-        loss_fn=multimodal_loss_fn(model),
+        loss_fn=multimodal_loss_fn(model, loss_chunk_size=loss_chunk_size_from(config.model)),
         param_groups=[
             ParamGroup(
                 name="projector",
@@ -284,7 +285,7 @@ def stage2_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
     return TrainTask(
         name="stage2",
         init_params=_multimodal_init(model, spec),
-        loss_fn=multimodal_loss_fn(model),
+        loss_fn=multimodal_loss_fn(model, loss_chunk_size=loss_chunk_size_from(config.model)),
         param_groups=param_groups,
         make_train_stream=lambda: train_stream(config, "stage2", tokenizer),
         pretrained=stage1,

@@ -46,6 +46,7 @@ from mllm_jax.layers.vit import ViTConfig
 from mllm_jax.models.decoder_lm import transformer_config_from
 from mllm_jax.models.semi_causal_lm import SemiCausalConfig, SemiCausalLM
 from mllm_jax.train import semi_causal_task as task_lib
+from mllm_jax.train.losses import loss_chunk_size_from
 from mllm_jax.train.multimodal_task import make_stream
 from mllm_jax.train.param_groups import ParamGroup
 from mllm_jax.train.trainer import TrainResult, TrainTask, train
@@ -156,10 +157,12 @@ def run_text(config: Any, mode: str, workdir: pathlib.Path) -> dict:
     d = config.data
     train_set, eval_set = _text_datasets(d.seq_len, d.eval_percent)
     model = SemiCausalLM(model_config(config, mode))
+    loss_chunk_size = loss_chunk_size_from(config.model)
     eval_rows = {k: np.stack([eval_set[i][k] for i in range(len(eval_set))]) for k in eval_set[0]}
     eval_rows = {k: v[: d.eval_batches * d.batch_size] for k, v in eval_rows.items()}
     eval_batches = _fixed_batches(eval_rows, d.batch_size, config, "prefix")
-    heldout = task_lib.make_heldout_loss(model)
+    heldout = task_lib.make_heldout_loss(model, loss_chunk_size=loss_chunk_size)
+    loss_fn = task_lib.semi_causal_loss_fn(model, loss_chunk_size=loss_chunk_size)
 
     def stream_fn():
         stream = text_corpus.batched_stream(
@@ -169,7 +172,7 @@ def run_text(config: Any, mode: str, workdir: pathlib.Path) -> dict:
         return _with_spans(stream, config, TEXT_LAYOUTS[mode], config.seed)
 
     task = _task(
-        config, config.train, model, eval_batches[0], task_lib.semi_causal_loss_fn(model),
+        config, config.train, model, eval_batches[0], loss_fn,
         stream_fn, lambda params: {"heldout_loss": heldout(params, eval_batches)},
         f"text_{mode}", None,
     )  # fmt: skip
@@ -272,6 +275,9 @@ def run_vl(config: Any, mode: str, workdir: pathlib.Path) -> dict:
     """Pretrains ``mode`` on captions, scores zero-shot VQA, fine-tunes on VQA, scores again."""
     tokenizer = Tokenizer.load(pathlib.Path(config.data.data_dir) / "tokenizer.model")
     model = SemiCausalLM(model_config(config, mode))
+    loss_fn = task_lib.semi_causal_loss_fn(
+        model, loss_chunk_size=loss_chunk_size_from(config.model)
+    )
     results = {}
     pretrained = None
     eval_set = ranking_set(config, tokenizer, _vl_spec(config, config.finetune, tokenizer, model))
@@ -303,7 +309,7 @@ def run_vl(config: Any, mode: str, workdir: pathlib.Path) -> dict:
 
         name = f"vl_{mode}_{stage}"
         task = _task(
-            config, section, model, example, task_lib.semi_causal_loss_fn(model), stream_fn,
+            config, section, model, example, loss_fn, stream_fn,
             evaluate, name, pretrained,
         )  # fmt: skip
         result: TrainResult = _run(config, task, section, workdir, config.seed)

@@ -28,6 +28,7 @@ from mllm_jax.data import text_corpus
 from mllm_jax.models.decoder_lm import DecoderLM, transformer_config_from
 from mllm_jax.train import step as step_lib
 from mllm_jax.train.log_window import window_step_seconds
+from mllm_jax.train.losses import loss_chunk_size_from
 from mllm_jax.train.metric_writers import read_jsonl
 from mllm_jax.train.multimodal_task import text_loss_fn
 from mllm_jax.train.param_groups import ParamGroup
@@ -86,7 +87,8 @@ def text_lm_task(
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     example = jnp.zeros((data.batch_size // jax.process_count(), data.seq_len), jnp.int32)
     batch_sharding = step_lib.batch_sharding(mesh, rules)
-    eval_sums = jax.jit(step_lib.make_eval_step(model))
+    loss_chunk_size = loss_chunk_size_from(config.model)
+    eval_sums = jax.jit(step_lib.make_eval_step(model, loss_chunk_size))
 
     def init_params(rng):
         return model.init(rng, example, segment_ids=example, positions=example)["params"]
@@ -108,7 +110,7 @@ def text_lm_task(
     return TrainTask(
         name=TASK_NAME,
         init_params=init_params,
-        loss_fn=text_loss_fn(model),
+        loss_fn=text_loss_fn(model, loss_chunk_size=loss_chunk_size),
         param_groups=[
             ParamGroup(name="all", patterns=(".",), learning_rate=config.optimizer.learning_rate)
         ],

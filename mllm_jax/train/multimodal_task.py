@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from mllm_jax.data.builders import SampleSource
 from mllm_jax.data.images import ImagePreprocessing
@@ -20,18 +21,19 @@ from mllm_jax.data.pipeline import (
 from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.models.decoder_lm import DecoderLM
 from mllm_jax.models.multimodal_lm import MultimodalLM
-from mllm_jax.train.losses import apply_with_moe_losses, cross_entropy_loss
+from mllm_jax.train.losses import apply_with_moe_losses, head_cross_entropy_loss
 from mllm_jax.train.step import SumLossFn
 
 
-def multimodal_loss_fn(model: MultimodalLM) -> SumLossFn:
+def multimodal_loss_fn(model: MultimodalLM, *, loss_chunk_size: int = 0) -> SumLossFn:
     """``(params, batch, rng) -> (loss_sum, num_targets, moe_metrics)`` of next-token prediction
     on a multimodal batch of the contract (``data/batch.py``); ``rng`` drives adapter dropout.
     With MoE layers in the LM, ``loss_sum`` includes their auxiliary loss times the target
-    count (so the step's mean loss is cross-entropy + aux loss)."""
+    count (so the step's mean loss is cross-entropy + aux loss). ``loss_chunk_size`` > 0
+    computes the logits that many positions at a time (config ``model.loss_chunk_size``)."""
 
     def loss_fn(params: Any, batch: dict, rng: jax.Array):
-        logits, aux_loss, moe_metrics = apply_with_moe_losses(
+        outputs, aux_loss, moe_metrics = apply_with_moe_losses(
             model,
             {"params": params},
             batch["tokens"],
@@ -40,33 +42,43 @@ def multimodal_loss_fn(model: MultimodalLM) -> SumLossFn:
             images=batch["images"],
             image_slot=batch["image_slot"],
             image_patch=batch["image_patch"],
+            return_hidden=bool(loss_chunk_size),
             rngs={"dropout": rng},
         )
-        return _with_aux(logits, batch, aux_loss, moe_metrics)
+        loss_sum, count = head_cross_entropy_loss(
+            model, params, outputs, batch["targets"], batch["loss_mask"],
+            head=_multimodal_head, chunk_size=loss_chunk_size,
+        )  # fmt: skip
+        return loss_sum + aux_loss * count, count, moe_metrics
 
     return loss_fn
 
 
-def text_loss_fn(model: DecoderLM) -> SumLossFn:
+def text_loss_fn(model: DecoderLM, *, loss_chunk_size: int = 0) -> SumLossFn:
     """The same for a text-only decoder on the text fields of the contract."""
 
     def loss_fn(params: Any, batch: dict, rng: jax.Array):
-        logits, aux_loss, moe_metrics = apply_with_moe_losses(
+        outputs, aux_loss, moe_metrics = apply_with_moe_losses(
             model,
             {"params": params},
             batch["tokens"],
             segment_ids=batch["segment_ids"],
             positions=batch["positions"],
+            return_hidden=bool(loss_chunk_size),
             rngs={"dropout": rng},
         )
-        return _with_aux(logits, batch, aux_loss, moe_metrics)
+        loss_sum, count = head_cross_entropy_loss(
+            model, params, outputs, batch["targets"], batch["loss_mask"],
+            head=DecoderLM.logits, chunk_size=loss_chunk_size,
+        )  # fmt: skip
+        return loss_sum + aux_loss * count, count, moe_metrics
 
     return loss_fn
 
 
-def _with_aux(logits, batch: dict, aux_loss, moe_metrics: dict):
-    loss_sum, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
-    return loss_sum + aux_loss * count, count, moe_metrics
+def _multimodal_head(model: MultimodalLM, hidden: jnp.ndarray) -> jnp.ndarray:
+    """The LM head of a MultimodalLM (a ``method=``): [B, C, D] hidden -> [B, C, V] logits."""
+    return model.lm.logits(hidden)
 
 
 def make_stream(

@@ -12,8 +12,9 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mllm_jax.models.decoder_lm import DecoderLM
 from mllm_jax.sharding import LogicalRules
-from mllm_jax.train.losses import apply_with_moe_losses, cross_entropy_loss
+from mllm_jax.train.losses import apply_with_moe_losses, head_cross_entropy_loss
 from mllm_jax.train.param_groups import GroupedOptimizer
 from mllm_jax.train.partition import combine_params
 from mllm_jax.train.state import GroupedTrainState
@@ -23,41 +24,57 @@ SumLossFn = Callable[[Any, Batch, jax.Array], tuple]
 MAX_NAMED_PATHS = 20
 
 
-def lm_loss(
-    model: nn.Module, params: Any, batch: Batch, rngs: dict | None = None
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Mean next-token cross-entropy of ``model`` on a packed batch, and the target count.
-
-    ``batch``: the text fields of the batch contract (``data/batch.py``), each [B, N].
-    """
-    logits = model.apply(
-        {"params": params},
-        batch["tokens"],
-        segment_ids=batch["segment_ids"],
-        positions=batch["positions"],
-        rngs=rngs,
-    )
-    loss_sum, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
-    return loss_sum / jnp.maximum(count, 1.0), count
-
-
-def lm_objective(
-    model: nn.Module, params: Any, batch: Batch, rngs: dict | None = None
-) -> tuple[jnp.ndarray, jnp.ndarray, dict]:
-    """The training objective: ``lm_loss`` plus the weighted MoE auxiliary loss.
-
-    Returns (objective, target count, MoE metrics); without MoE layers the objective is
-    ``lm_loss`` and the metrics are empty.
-    """
-    logits, aux_loss, metrics = apply_with_moe_losses(
+def _lm_sums(model: nn.Module, params: Any, batch: Batch, rngs: dict | None, chunk_size: int):
+    """(cross-entropy sum, target count, MoE aux loss, MoE metrics) of a DecoderLM."""
+    outputs, aux_loss, metrics = apply_with_moe_losses(
         model,
         {"params": params},
         batch["tokens"],
         segment_ids=batch["segment_ids"],
         positions=batch["positions"],
+        return_hidden=bool(chunk_size),
         rngs=rngs,
     )
-    loss_sum, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+    loss_sum, count = head_cross_entropy_loss(
+        model, params, outputs, batch["targets"], batch["loss_mask"],
+        head=DecoderLM.logits, chunk_size=chunk_size,
+    )  # fmt: skip
+    return loss_sum, count, aux_loss, metrics
+
+
+def lm_loss(
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    rngs: dict | None = None,
+    *,
+    loss_chunk_size: int = 0,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Mean next-token cross-entropy of ``model`` (a DecoderLM) on a packed batch, and the
+    target count.
+
+    ``batch``: the text fields of the batch contract (``data/batch.py``), each [B, N].
+    ``loss_chunk_size`` > 0 computes the logits that many positions at a time, never all
+    [B, N, V] at once (``losses.chunked_cross_entropy_loss``; config ``model.loss_chunk_size``).
+    """
+    loss_sum, count, _, _ = _lm_sums(model, params, batch, rngs, loss_chunk_size)
+    return loss_sum / jnp.maximum(count, 1.0), count
+
+
+def lm_objective(
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    rngs: dict | None = None,
+    *,
+    loss_chunk_size: int = 0,
+) -> tuple[jnp.ndarray, jnp.ndarray, dict]:
+    """The training objective: ``lm_loss`` plus the weighted MoE auxiliary loss.
+
+    Returns (objective, target count, MoE metrics); without MoE layers the objective is
+    ``lm_loss`` and the metrics are empty. ``loss_chunk_size`` as ``lm_loss``.
+    """
+    loss_sum, count, aux_loss, metrics = _lm_sums(model, params, batch, rngs, loss_chunk_size)
     return loss_sum / jnp.maximum(count, 1.0) + aux_loss, count, metrics
 
 
@@ -180,11 +197,14 @@ def check_finite(metrics: dict, step: int) -> None:
     )
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], dict]:
-    """Returns ``eval_step(params, batch) -> {"loss_sum", "num_targets"}`` for exact averaging."""
+def make_eval_step(model: nn.Module, loss_chunk_size: int = 0) -> Callable[[Any, Batch], dict]:
+    """Returns ``eval_step(params, batch) -> {"loss_sum", "num_targets"}`` for exact averaging.
+
+    ``loss_chunk_size`` as ``lm_loss``.
+    """
 
     def eval_step(params: Any, batch: Batch):
-        loss, count = lm_loss(model, params, batch)
+        loss, count = lm_loss(model, params, batch, loss_chunk_size=loss_chunk_size)
         return {"loss_sum": loss * count, "num_targets": count}
 
     return eval_step
