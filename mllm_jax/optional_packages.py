@@ -3,6 +3,7 @@
   demo     easy-vqa (the easy-VQA datasets), matplotlib            pip install 'mllm_jax[demo]'
   plots    matplotlib (PNG curves of runs and sweeps)               pip install 'mllm_jax[plots]'
   fusemix  scikit-learn (digits), tokenizers + safetensors (MiniLM) pip install 'mllm_jax[fusemix]'
+  hf       tokenizers (an imported model's tokenizer.json)          pip install 'mllm_jax[hf]'
 
 ``pyproject.toml`` lists each extra's packages.
 """

@@ -23,6 +23,7 @@ FORBIDDEN = {
     "mllm_jax.data": ("mllm_jax.train", "mllm_jax.recipes"),
     "mllm_jax.models": ("mllm_jax.train", "mllm_jax.recipes"),
     "mllm_jax.train": ("mllm_jax.recipes",),
+    "mllm_jax.checkpoint_conversion": ("mllm_jax.train", "mllm_jax.recipes"),
 }
 # The command lines sit above every room: `python -m mllm_jax.train` picks a recipe to run.
 COMMAND_LINES = frozenset({"mllm_jax.train.__main__"})

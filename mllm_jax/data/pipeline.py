@@ -24,7 +24,8 @@ import numpy as np
 from mllm_jax.data.images import ImagePreprocessing
 from mllm_jax.data.packing import PackableSample, PackingSpec, RowBuilder, check_packable
 from mllm_jax.data.sample import BadRecordError, Sample
-from mllm_jax.data.templates import V1_SYSTEM_PROMPT, tokenize_sample
+from mllm_jax.data.templates import tokenize_sample
+from mllm_jax.data.tokenizer_protocol import TextTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +43,13 @@ class SampleProcessor:
     def __init__(
         self,
         to_sample: Callable[[Any], Sample],
-        tokenizer: Any,
+        tokenizer: TextTokenizer,
         *,
         template: str,
         spec: PackingSpec,
         preprocessing: ImagePreprocessing,
         on_bad_record: str = "raise",
-        system_prompt: str = V1_SYSTEM_PROMPT,
+        system_prompt: str | None = None,
     ):
         if on_bad_record not in ("raise", "skip"):
             raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")

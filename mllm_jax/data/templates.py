@@ -1,62 +1,52 @@
 """Chat templates: a ``Sample`` becomes token ids plus a per-token supervision mask.
 
-Sequences are built piece by piece: every literal piece is encoded on its own and the ids are
-concatenated, so the mask is exact by construction (LLaVA's "tokenization mismatch" came from
-tokenizing the whole string and re-aligning it). Below, ``[X]`` is a special id, ``"..."`` a
-literal piece, ``*`` marks what a supervised turn trains on; everything else is never supervised.
+  name      for                                             module
+  v1        LLaVA-1.5 (vicuna_v1) on the project tokenizer  piecewise_templates.py
+  plain     LLaVA stage-1 alignment: no prompt, no markers  piecewise_templates.py
+  llava_v1  LLaVA-1.5 (vicuna_v1) on an imported tokenizer  chat_templates.py
+  llama3    Llama 3 instruct                                chat_templates.py
+  chatml    Qwen2 (ChatML)                                  chat_templates.py
 
-Template ``v1`` (LLaVA-1.5, vicuna_v1). The rendered text is
-
-  {system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
-
-and the pieces are
-
-  [BOS]  system " "                                (only if the sample has a chat or system turn)
-  user       [USER:]  *(" " + text)  *" "
-  assistant  [ASSISTANT:]  *(" " + text)  *[EOS]
-  text       *text                                 (raw document text, no markers, no separator)
-  end        *[EOS] if the last turn is a text turn (supervised iff that turn is)
-
-A leading ``system`` turn replaces the default system prompt; an empty system prompt emits
-neither it nor its " ". A space is encoded as ``▁`` attached to the word after it (see
-``tokenizer.py``), so ``" " + text`` gives the same ids as it does inside the rendered string and
-the " " before a role marker is a lone ``▁`` id: the pieces concatenate to exactly
-``tokenizer.encode`` of the rendered text, with ``[EOS]`` as an id rather than the text "</s>".
-
-Template ``plain`` (LLaVA stage-1 alignment): no system prompt, no markers, no separators.
-
-  [BOS]
-  user       *text
-  assistant  *text  *[EOS]
-  text       *text
-  end        *[EOS] if the last turn is a text turn (supervised iff that turn is)
-
-In both, turn text is emitted verbatim (never stripped), ``*`` follows the turn's
-``is_supervised`` (assistant and text turns by default, user turns only when asked, system turns
-never), and each ``<image>`` in any piece becomes ``tokens_per_image`` copies of ``image_id``,
-never supervised.
+Every template supervises what a turn's ``is_supervised`` says (assistant and text turns by
+default, user turns only when asked, system turns never) together with that turn's end-of-turn
+token, never role markers or headers, and expands each ``<image>`` placeholder into
+``tokens_per_image`` copies of the tokenizer's ``image_id``, never supervised. The modules
+describe each template's exact pieces. ``v1`` needs the project tokenizer (``MarkerTokenizer``);
+``plain`` any ``TextTokenizer``; the others a ``ChatTokenizer`` holding their special tokens (an
+imported model's ``HFTokenizer``; ``llava_v1`` also works on the project tokenizer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
+from mllm_jax.data.chat_templates import CHAT_TEMPLATES, CHATML_SYSTEM_PROMPT, render_chat
+from mllm_jax.data.piecewise_templates import PIECEWISE_TEMPLATES, render_piecewise
 from mllm_jax.data.sample import IMAGE_PLACEHOLDER, BadRecordError, Sample, Turn, validate_sample
-from mllm_jax.data.tokenizer import Tokenizer
+from mllm_jax.data.tokenizer_protocol import ChatTokenizer, TextTokenizer
 
-TEMPLATES = ("v1", "plain")
+TEMPLATES = PIECEWISE_TEMPLATES + CHAT_TEMPLATES
 V1_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+DEFAULT_SYSTEM_PROMPTS = {
+    "v1": V1_SYSTEM_PROMPT,
+    "plain": "",
+    "llava_v1": V1_SYSTEM_PROMPT,
+    "llama3": "",
+    "chatml": CHATML_SYSTEM_PROMPT,
+}
+_NO_TEXT_TURNS = ("llama3", "chatml")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class TokenizedSample:
-    """A templated sample. T = sequence length, BOS included.
+    """A templated sample. T = sequence length (BOS included where the template has one).
 
     ``supervised[t]`` is True where ``tokens[t]`` is a training target, predicted from
     ``tokens[:t]``; the batch contract's ``loss_mask`` at position t is ``supervised[t + 1]``.
@@ -68,91 +58,41 @@ class TokenizedSample:
     num_images: int
 
 
-class _SequenceBuilder:
-    """Accumulates ids and their supervision flags, expanding image placeholders."""
-
-    def __init__(self, tokenizer: Tokenizer, tokens_per_image: int):
-        self.tokenizer = tokenizer
-        self.tokens_per_image = tokens_per_image
-        self.tokens: list[int] = []
-        self.supervised: list[bool] = []
-
-    def add_ids(self, ids: Sequence[int], supervised: bool) -> None:
-        self.tokens += ids
-        self.supervised += [supervised] * len(ids)
-
-    def add_text(self, text: str, supervised: bool) -> None:
-        for k, segment in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if k > 0:
-                self.add_ids([self.tokenizer.image_id] * self.tokens_per_image, False)
-            if segment:
-                self.add_ids(self.tokenizer.encode(segment), supervised)
-
-
-def _emit_v1(
-    builder: _SequenceBuilder,
-    turns: Sequence[Turn],
-    system_prompt: str,
-    *,
-    open_assistant_turn: bool,
-) -> None:
-    tok = builder.tokenizer
-    builder.add_ids([tok.bos_id], False)
-    if turns and turns[0].role == "system":
-        system, turns = turns[0].text, turns[1:]
-    elif open_assistant_turn or any(turn.role in ("user", "assistant") for turn in turns):
-        system = system_prompt
-    else:
-        system = ""  # a pure document gets no chat preamble
-    if system:
-        builder.add_text(system, False)
-        builder.add_text(" ", False)
-    for turn in turns:
-        supervised = turn.is_supervised
-        if turn.role == "user":
-            builder.add_ids([tok.user_id], False)
-            builder.add_text(" " + turn.text, supervised)
-            builder.add_text(" ", supervised)
-        elif turn.role == "assistant":
-            builder.add_ids([tok.assistant_id], False)
-            builder.add_text(" " + turn.text, supervised)
-            builder.add_ids([tok.eos_id], supervised)
-        else:
-            builder.add_text(turn.text, supervised)
-    if open_assistant_turn:
-        builder.add_ids([tok.assistant_id], False)
-    elif turns and turns[-1].role == "text":
-        builder.add_ids([tok.eos_id], turns[-1].is_supervised)
-
-
-def _emit_plain(
-    builder: _SequenceBuilder, turns: Sequence[Turn], *, open_assistant_turn: bool
-) -> None:
-    eos_id = builder.tokenizer.eos_id
-    builder.add_ids([builder.tokenizer.bos_id], False)
-    for turn in turns:
-        builder.add_text(turn.text, turn.is_supervised)
-        if turn.role == "assistant":
-            builder.add_ids([eos_id], turn.is_supervised)
-    if not open_assistant_turn and turns and turns[-1].role == "text":
-        builder.add_ids([eos_id], turns[-1].is_supervised)
-
-
 def _build(
+    sample: Sample,
     turns: Sequence[Turn],
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     template: str,
     tokens_per_image: int,
-    system_prompt: str,
+    system_prompt: str | None,
     *,
     open_assistant_turn: bool,
-) -> _SequenceBuilder:
-    builder = _SequenceBuilder(tokenizer, tokens_per_image)
-    if template == "v1":
-        _emit_v1(builder, turns, system_prompt, open_assistant_turn=open_assistant_turn)
-    else:
-        _emit_plain(builder, turns, open_assistant_turn=open_assistant_turn)
-    return builder
+) -> tuple[list[int], list[bool]]:
+    if system_prompt is None:
+        system_prompt = DEFAULT_SYSTEM_PROMPTS[template]
+    if template in PIECEWISE_TEMPLATES:
+        return render_piecewise(
+            turns,
+            tokenizer,
+            template=template,
+            tokens_per_image=tokens_per_image,
+            system_prompt=system_prompt,
+            open_assistant_turn=open_assistant_turn,
+        )
+    if not hasattr(type(tokenizer), "encode_with_offsets"):
+        raise ValueError(
+            f"template {template!r} needs a ChatTokenizer (encode_with_offsets, special_tokens), "
+            f"which {type(tokenizer).__name__} is not"
+        )
+    return render_chat(
+        sample.id,
+        turns,
+        cast(ChatTokenizer, tokenizer),
+        template=template,
+        tokens_per_image=tokens_per_image,
+        system_prompt=system_prompt,
+        open_assistant_turn=open_assistant_turn,
+    )
 
 
 def _check_sample(sample: Sample, template: str, tokens_per_image: int) -> None:
@@ -168,6 +108,10 @@ def _check_sample(sample: Sample, template: str, tokens_per_image: int) -> None:
             )
     validate_sample(sample)
     for i, turn in enumerate(sample.turns):
+        if turn.role == "text" and template in _NO_TEXT_TURNS:
+            raise BadRecordError(
+                sample.id, f"turns[{i}].role", f"the {template} template has no raw text turns"
+            )
         if turn.role != "system":
             continue
         if i > 0:
@@ -184,18 +128,19 @@ def _check_sample(sample: Sample, template: str, tokens_per_image: int) -> None:
 
 def tokenize_sample(
     sample: Sample,
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     *,
     template: str,
     tokens_per_image: int,
     max_length: int | None = None,
-    system_prompt: str = V1_SYSTEM_PROMPT,
+    system_prompt: str | None = None,
 ) -> TokenizedSample:
-    """Token ids [T] and supervision mask [T] of ``sample`` under ``template`` ("v1"/"plain").
+    """Token ids [T] and supervision mask [T] of ``sample`` under ``template`` (one of
+    ``TEMPLATES``); ``system_prompt`` None is the template's ``DEFAULT_SYSTEM_PROMPTS`` entry.
 
     Raises BadRecordError (naming the sample id and the field) for an invalid sample, an empty
     answer, a sample ending in an unanswered question, no supervised token, or more than
-    ``max_length`` tokens.
+    ``max_length`` tokens; ValueError for an unknown template or a tokenizer it cannot use.
     """
     _check_sample(sample, template, tokens_per_image)
     last = len(sample.turns) - 1
@@ -205,7 +150,8 @@ def tokenize_sample(
             f"turns[{last}]",
             "the sample ends with a user turn: a question with no answer",
         )
-    builder = _build(
+    ids, flags = _build(
+        sample,
         sample.turns,
         tokenizer,
         template,
@@ -213,8 +159,8 @@ def tokenize_sample(
         system_prompt,
         open_assistant_turn=False,
     )
-    tokens = np.asarray(builder.tokens, np.int32)
-    supervised = np.asarray(builder.supervised, np.bool_)
+    tokens = np.asarray(ids, np.int32)
+    supervised = np.asarray(flags, np.bool_)
     if not supervised.any():
         roles = [f"{turn.role}(supervised={turn.is_supervised})" for turn in sample.turns]
         raise BadRecordError(
@@ -237,17 +183,18 @@ def tokenize_sample(
 
 def prompt_for_generation(
     sample: Sample,
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     *,
     template: str,
     tokens_per_image: int,
-    system_prompt: str = V1_SYSTEM_PROMPT,
+    system_prompt: str | None = None,
 ) -> np.ndarray:
     """The ids [T] a model continues to answer ``sample``'s last question.
 
     A final assistant turn (the reference answer) is dropped; the rest is templated as in
-    ``tokenize_sample`` and, for v1, followed by the ``ASSISTANT:`` marker, so the ids equal the
-    training sequence up to and including that marker. ``plain`` adds nothing after the prompt.
+    ``tokenize_sample`` and followed by the assistant's role marker or header (``ASSISTANT:``
+    for v1 and llava_v1, the assistant header for llama3 and chatml), so the ids equal the
+    training sequence up to and including it. ``plain`` adds nothing after the prompt.
     """
     _check_sample(sample, template, tokens_per_image)
     turns = sample.turns
@@ -259,7 +206,13 @@ def prompt_for_generation(
                 f"the final answer, dropped for generation, holds an {IMAGE_PLACEHOLDER}",
             )
         turns = turns[:-1]
-    builder = _build(
-        turns, tokenizer, template, tokens_per_image, system_prompt, open_assistant_turn=True
+    ids, _ = _build(
+        sample,
+        turns,
+        tokenizer,
+        template,
+        tokens_per_image,
+        system_prompt,
+        open_assistant_turn=True,
     )
-    return np.asarray(builder.tokens, np.int32)
+    return np.asarray(ids, np.int32)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -111,6 +112,45 @@ def train_tokenizer(
     return f"{model_path_prefix}.model"
 
 
+def encode_with_offsets_sentencepiece(
+    processor: spm.SentencePieceProcessor, text: str, special_tokens: Mapping[str, int]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """ids [T] of ``text`` and their (start, end) character spans, each ``special_tokens`` text
+    becoming its id and every stretch between them encoded by ``processor`` on its own (as
+    Hugging Face's sentencepiece tokenizers do, dummy prefix included)."""
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    pattern = "|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
+    position = 0
+    for match in re.finditer(pattern, text) if special_tokens else ():
+        _encode_stretch(processor, text, position, match.start(), ids, offsets)
+        ids.append(special_tokens[match.group()])
+        offsets.append(match.span())
+        position = match.end()
+    _encode_stretch(processor, text, position, len(text), ids, offsets)
+    return ids, offsets
+
+
+def _encode_stretch(
+    processor: spm.SentencePieceProcessor,
+    text: str,
+    start: int,
+    end: int,
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+) -> None:
+    if start == end:
+        return
+    stretch = text[start:end]
+    # sentencepiece reports byte offsets; char_bytes[c] is where character c starts.
+    char_bytes = np.cumsum([0] + [len(c.encode()) for c in stretch])
+    for piece in processor.encode(stretch, return_type="proto").pieces:
+        begin = int(np.searchsorted(char_bytes, piece.begin, side="right")) - 1
+        finish = int(np.searchsorted(char_bytes, piece.end, side="left"))
+        ids.append(piece.id)
+        offsets.append((start + begin, start + max(begin, finish)))
+
+
 class Tokenizer:
     """Text <-> ids with a model from ``train_tokenizer`` (or any model with the same specials)."""
 
@@ -178,6 +218,25 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """The ids of ``text``, without BOS or EOS; each "<image>" becomes ``image_id``."""
         return self._sp.encode(text)
+
+    @property
+    def special_tokens(self) -> Mapping[str, int]:
+        """The texts of the special pieces (ids 0..6) -> their ids."""
+        return {piece: i for i, piece in enumerate(SPECIAL_PIECES)}
+
+    def special_id(self, token: str) -> int:
+        """The id of one of ``SPECIAL_PIECES``; ValueError for any other text."""
+        if token not in SPECIAL_PIECES:
+            raise ValueError(
+                f"tokenizer model {self._name!r} has no special token {token!r}: its special "
+                f"tokens are {list(SPECIAL_PIECES)}"
+            )
+        return SPECIAL_PIECES.index(token)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids [T] and character spans of ``text`` in which, unlike ``encode``, the texts of
+        all ``SPECIAL_PIECES`` ("<s>", "</s>" too) become their ids."""
+        return encode_with_offsets_sentencepiece(self._sp, text, self.special_tokens)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text of ``ids``; padding, BOS and EOS (control pieces) decode to nothing."""

@@ -30,7 +30,7 @@ from mllm_jax.layers.mlp import MLP
 from mllm_jax.layers.moe import MoEConfig, MoEFeedForward, summarize_moe
 from mllm_jax.layers.norms import LayerNorm, RMSNorm, make_norm
 from mllm_jax.layers.projectors import Linear, MLPProjector
-from mllm_jax.layers.rope import apply_rope
+from mllm_jax.layers.rope import RopeScaling, apply_rope, rope_inverse_frequencies
 from mllm_jax.layers.transformer import (
     DecoderStack,
     TransformerBlock,
@@ -74,6 +74,7 @@ __all__ = [
     "LayerNorm",
     "MultiHeadAttention",
     "RMSNorm",
+    "RopeScaling",
     "TransformerBlock",
     "TransformerConfig",
     "apply_rope",
@@ -84,5 +85,6 @@ __all__ = [
     "make_norm",
     "positions_from_segment_ids",
     "prefix_mask_ar",
+    "rope_inverse_frequencies",
     "unstack_scanned_layers",
 ]

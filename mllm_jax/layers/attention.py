@@ -8,7 +8,9 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from mllm_jax.layers.lora import AdapterConfig, make_projection
-from mllm_jax.layers.rope import apply_rope
+from mllm_jax.layers.rope import RopeScaling, apply_rope
+
+ATTENTION_BIAS = ("none", "qkv", "all")
 
 
 def dot_product_attention(
@@ -50,9 +52,12 @@ class MultiHeadAttention(nn.Module):
       head_dim: D per head.
       use_rope: rotate q and k by token position.
       rope_max_wavelength: RoPE base.
+      rope_scaling: an optional rescaling of the RoPE frequencies (Llama 3.1, linear).
       decode: keep keys/values in a ``cache`` collection for incremental decoding.
       adapter: LoRA / Dual-LoRA on the projections it targets (``query``, ``key``, ``value``,
         ``out``); their adapter params sit beside ``kernel``.
+      bias: which projections carry a bias: "none" (Llama), "qkv" (Qwen2) or "all" (CLIP,
+        SigLIP); a bias is ``<projection>/bias`` shaped like the kernel's output dimensions.
 
     Parameters (logical axes): ``query/kernel`` [embed, heads, head_dim], ``key/kernel`` and
     ``value/kernel`` [embed, kv_heads, head_dim], ``out/kernel`` [heads, head_dim, embed].
@@ -63,12 +68,16 @@ class MultiHeadAttention(nn.Module):
     head_dim: int
     use_rope: bool = True
     rope_max_wavelength: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     adapter: AdapterConfig = AdapterConfig(kind="none")
     decode: bool = False
+    bias: str = "none"
 
     def _projection(self, name: str, heads: int, head_axis: str, embed_dim: int) -> nn.Module:
+        if self.bias not in ATTENTION_BIAS:
+            raise ValueError(f"attention bias {self.bias!r} is not one of {ATTENTION_BIAS}")
         return make_projection(
             name,
             shape=(embed_dim, heads, self.head_dim),
@@ -78,6 +87,7 @@ class MultiHeadAttention(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             adapter=self.adapter,
+            use_bias=self.bias != "none",
         )
 
     def _update_cache(self, key: jnp.ndarray, value: jnp.ndarray):
@@ -114,8 +124,8 @@ class MultiHeadAttention(nn.Module):
             "bne,ehd->bnhd", x
         )
         if self.use_rope:
-            query = apply_rope(query, positions, self.rope_max_wavelength)
-            key = apply_rope(key, positions, self.rope_max_wavelength)
+            query = apply_rope(query, positions, self.rope_max_wavelength, self.rope_scaling)
+            key = apply_rope(key, positions, self.rope_max_wavelength, self.rope_scaling)
         query = nn.with_logical_constraint(query, ("act_batch", "act_length", "act_heads", None))
         key = nn.with_logical_constraint(key, ("act_batch", "act_length", "act_kv_heads", None))
         value = nn.with_logical_constraint(value, ("act_batch", "act_length", "act_kv_heads", None))
@@ -131,4 +141,5 @@ class MultiHeadAttention(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             adapter=self.adapter,
+            use_bias=self.bias == "all",
         )("bnhd,hde->bne", out)

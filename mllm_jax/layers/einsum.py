@@ -1,4 +1,4 @@
-"""A bias-free projection whose kernel has any shape and named logical axes."""
+"""A projection whose kernel has any shape and named logical axes, with an optional bias."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from jax.typing import DTypeLike
 
 
 class Einsum(nn.Module):
-    """Holds ``kernel`` of ``shape`` and applies ``jnp.einsum(equation, x, kernel)``.
+    """Holds ``kernel`` of ``shape`` and applies ``jnp.einsum(equation, x, kernel) (+ bias)``.
 
     Attributes:
       shape: kernel shape, e.g. (E, H, D) for a query projection.
       logical_axes: one logical name per kernel dimension, e.g. ("embed", "heads", "head_dim").
       in_axis: kernel dimension(s) contracted with the input (the fan-in of the LeCun-normal init).
       out_axis: the remaining kernel dimension(s).
+      use_bias: add ``bias`` (zeros at init), shaped like the ``out_axis`` dimensions of the
+        kernel; the equation's output must end with those dimensions, in order (e.g.
+        "bne,ehd->bnhd" with out_axis (1, 2)), as every projection here does.
     """
 
     shape: tuple[int, ...]
@@ -23,6 +26,7 @@ class Einsum(nn.Module):
     out_axis: int | tuple[int, ...] = -1
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, equation: str, x: jnp.ndarray) -> jnp.ndarray:
@@ -37,4 +41,17 @@ class Einsum(nn.Module):
             self.shape,
             self.param_dtype,
         )
-        return jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if not self.use_bias:
+            return y
+        out_axes = (self.out_axis,) if isinstance(self.out_axis, int) else self.out_axis
+        out_axes = [a % len(self.shape) for a in out_axes]
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(
+                nn.initializers.zeros, tuple(self.logical_axes[a] for a in out_axes)
+            ),
+            tuple(self.shape[a] for a in out_axes),
+            self.param_dtype,
+        )
+        return y + bias.astype(self.dtype)

@@ -347,10 +347,12 @@ def make_projection(
     dtype: DTypeLike = jnp.float32,
     param_dtype: DTypeLike = jnp.float32,
     adapter: AdapterConfig,
+    use_bias: bool = False,
 ) -> nn.Module:
     """An ``Einsum`` named ``name``, wrapped in an adapter if ``adapter`` targets ``name``.
 
-    Call the result as ``(equation, x)``. Its params live under ``name`` whatever the wrapper.
+    Call the result as ``(equation, x)``. Its params live under ``name`` whatever the wrapper;
+    ``use_bias`` gives the base projection a bias (the adapter's update adds to W x + b).
     """
     base = Einsum(
         shape=shape,
@@ -359,6 +361,7 @@ def make_projection(
         out_axis=out_axis,
         dtype=dtype,
         param_dtype=param_dtype,
+        use_bias=use_bias,
         name=name,
     )
     if not adapter.adapts(name):

@@ -9,12 +9,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mllm_jax.layers.attention import MultiHeadAttention
+from mllm_jax.layers.attention import ATTENTION_BIAS, MultiHeadAttention
 from mllm_jax.layers.cross_attention import GatedCrossAttentionBlock
 from mllm_jax.layers.lora import AdapterConfig
-from mllm_jax.layers.mlp import MLP
+from mllm_jax.layers.mlp import ACTIVATIONS, MLP
 from mllm_jax.layers.moe import MOE_COLLECTION, MoEConfig, MoEFeedForward
 from mllm_jax.layers.norms import make_norm
+from mllm_jax.layers.rope import RopeScaling
 
 REMAT_POLICIES = {
     "none": None,
@@ -37,6 +38,10 @@ class TransformerConfig:
     blocks 0, k, 2k, ... (unrolled stacks only). ``decode`` keeps a KV cache for generation.
     ``moe`` replaces the dense MLP of blocks 0, every, 2·every, ... by a sparse MoE feed-forward
     (scanned stacks with ``moe.every`` > 1 scan groups of ``every`` blocks).
+    ``attention_bias`` ("none", "qkv", "all") and ``mlp_bias`` add biases to the projections,
+    as imported checkpoints need (Qwen2: "qkv"; CLIP and SigLIP: "all" and ``mlp_bias``).
+    ``rope_scaling`` rescales the RoPE frequencies (Llama 3.1's "llama3", "linear"); None keeps
+    the plain ladder of base ``rope_max_wavelength``.
     """
 
     num_layers: int
@@ -49,6 +54,7 @@ class TransformerConfig:
     norm_epsilon: float = 1e-6
     use_rope: bool = True
     rope_max_wavelength: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
     scan_layers: bool = False
     remat_policy: str = "none"
     dtype: Any = jnp.float32
@@ -57,8 +63,16 @@ class TransformerConfig:
     cross_attention_every: int = 0
     decode: bool = False
     moe: MoEConfig | None = None
+    attention_bias: str = "none"
+    mlp_bias: bool = False
 
     def __post_init__(self):
+        if self.attention_bias not in ATTENTION_BIAS:
+            raise ValueError(
+                f"attention_bias {self.attention_bias!r} is not one of {ATTENTION_BIAS}"
+            )
+        if self.mlp_activation not in ACTIVATIONS:
+            raise ValueError(f"mlp_activation {self.mlp_activation!r} is not one of {ACTIVATIONS}")
         if self.moe is not None and self.scan_layers and self.num_layers % self.moe.every:
             raise ValueError(
                 f"moe.every={self.moe.every} must divide num_layers={self.num_layers} when the "
@@ -118,10 +132,12 @@ class TransformerBlock(nn.Module):
             head_dim=cfg.head_dim,
             use_rope=cfg.use_rope,
             rope_max_wavelength=cfg.rope_max_wavelength,
+            rope_scaling=cfg.rope_scaling,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             adapter=cfg.adapter,
             decode=cfg.decode,
+            bias=cfg.attention_bias,
             name="attention",
         )(self._norm("pre_attention_norm")(x), mask, positions)
         x = x + attended
@@ -141,6 +157,7 @@ class TransformerBlock(nn.Module):
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
                 adapter=cfg.adapter,
+                use_bias=cfg.mlp_bias,
                 name="mlp",
             )
         x = x + feed_forward(self._norm("pre_mlp_norm")(x))

@@ -2,8 +2,9 @@
 
 Hidden states follow CLIP's (Hugging Face's ``output_hidden_states``) numbering: with L blocks
 there are L + 1 of them; index 0 is the embeddings (patches + position embeddings, with the CLS
-token when used), index i the output of block i, and negative indices count from the end
-(-1 = the last block's output, -2 = the penultimate one, LLaVA's feature layer).
+token when used, after CLIP's ``ln_pre`` when ``pre_norm``), index i the output of block i, and
+negative indices count from the end (-1 = the last block's output, -2 = the penultimate one,
+LLaVA's feature layer).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mllm_jax.layers.masks import bidirectional_mask_ar, make_attention_mask
+from mllm_jax.layers.mlp import UNGATED_ACTIVATIONS
 from mllm_jax.layers.norms import LayerNorm
 from mllm_jax.layers.projectors import Linear
 from mllm_jax.layers.transformer import REMAT_POLICIES, TransformerBlock, TransformerConfig
@@ -42,6 +44,12 @@ class ViTConfig:
     ``image_size`` is the size the position table is learned for; other input sizes (multiples
     of ``patch_size``) get that table bilinearly resized. ``norm_epsilon`` defaults to CLIP's.
     ``remat_policy`` (a key of ``REMAT_POLICIES``) recomputes each block in the backward pass.
+
+    Options pretrained towers need (the defaults are the from-scratch tower's choices):
+    ``mlp_activation`` ("gelu" exact, "quick_gelu" for CLIP, "gelu_tanh" for SigLIP);
+    ``attention_bias`` ("none", "qkv", "all") and ``mlp_bias`` (CLIP and SigLIP: "all", True);
+    ``patch_bias`` (the patch projection's bias: SigLIP has one, CLIP's conv has none);
+    ``pre_norm`` (CLIP's ``ln_pre``: a LayerNorm over the embeddings before block 0).
     """
 
     image_size: ImageSize
@@ -53,16 +61,21 @@ class ViTConfig:
     use_cls_token: bool = True
     norm_epsilon: float = 1e-5
     remat_policy: str = "none"
+    mlp_activation: str = "gelu"
+    attention_bias: str = "none"
+    mlp_bias: bool = False
+    patch_bias: bool = True
+    pre_norm: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ValueError(f"width={self.width} is not a multiple of num_heads={self.num_heads}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}"
-            )
+        if self.mlp_activation not in UNGATED_ACTIVATIONS:
+            known = sorted(UNGATED_ACTIVATIONS)
+            raise ValueError(f"mlp_activation {self.mlp_activation!r} is not one of {known}")
+        self.transformer_config()  # checks remat_policy and attention_bias
         self.grid_shape()
 
     def grid_shape(self, image_size: ImageSize | None = None) -> tuple[int, int]:
@@ -70,18 +83,20 @@ class ViTConfig:
         return grid_shape(self.image_size if image_size is None else image_size, self.patch_size)
 
     def transformer_config(self) -> TransformerConfig:
-        """Pre-LN, GELU, no RoPE (positions are learned), full multi-head attention."""
+        """Pre-LN, GELU-family MLP, no RoPE (positions are learned), full multi-head attention."""
         return TransformerConfig(
             num_layers=self.num_layers,
             num_heads=self.num_heads,
             num_kv_heads=self.num_heads,
             head_dim=self.width // self.num_heads,
             mlp_dim=self.mlp_dim,
-            mlp_activation="gelu",
+            mlp_activation=self.mlp_activation,
             norm="layernorm",
             norm_epsilon=self.norm_epsilon,
             use_rope=False,
             remat_policy=self.remat_policy,
+            attention_bias=self.attention_bias,
+            mlp_bias=self.mlp_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -129,9 +144,10 @@ def _resolve_index(index: int, num_layers: int) -> int:
 class VisionTransformer(nn.Module):
     """Images -> hidden states of the chosen layers.
 
-    Parameters (logical axes): ``patch_embedding/kernel`` [patch, embed] and ``/bias`` [embed];
-    ``cls_token`` [embed] (N(0, 1/C)); ``position_embedding`` [position, embed] (N(0, 1/C), the
-    CLS position first); blocks ``layers_0`` ... ``layers_{L-1}`` (see ``TransformerBlock``).
+    Parameters (logical axes): ``patch_embedding/kernel`` [patch, embed] and, with
+    ``patch_bias``, ``/bias`` [embed]; ``cls_token`` [embed] (N(0, 1/C)); ``position_embedding``
+    [position, embed] (N(0, 1/C), the CLS position first); with ``pre_norm``, ``pre_norm/scale``
+    and ``/bias`` [norm]; blocks ``layers_0`` ... ``layers_{L-1}`` (see ``TransformerBlock``).
     """
 
     config: ViTConfig
@@ -160,6 +176,7 @@ class VisionTransformer(nn.Module):
         x = Linear(
             cfg.width,
             ("patch", "embed"),
+            use_bias=cfg.patch_bias,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             name="patch_embedding",
@@ -185,6 +202,13 @@ class VisionTransformer(nn.Module):
         patch_positions = resize_position_grid(table[num_cls:], cfg.grid_shape(), (rows, cols))
         positions_table = jnp.concatenate([table[:num_cls], patch_positions], axis=0)
         x = x + positions_table.astype(cfg.dtype)[None]
+        if cfg.pre_norm:
+            x = LayerNorm(
+                epsilon=cfg.norm_epsilon,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="pre_norm",
+            )(x)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
         length = x.shape[1]
@@ -204,24 +228,36 @@ class VisionTransformer(nn.Module):
 
 
 class PooledVisionTransformer(nn.Module):
-    """One embedding per image for CLIP-style contrastive pretraining of the tower.
+    """A ViT with a final LayerNorm: one embedding per image, or the normed tokens.
 
-    final LayerNorm over the last block's output, then the CLS token, or the mean over the
-    patch tokens when the config has no CLS token. Parameters: ``vit`` (a ``VisionTransformer``,
-    reusable as the LLaVA tower) and ``final_norm`` (scale and bias [norm]).
+    The final LayerNorm runs over the last block's output. ``__call__`` pools its CLS token
+    (CLIP's ``pooler_output``), or the mean over the patch tokens when the config has no CLS
+    token; ``encode`` also returns all normed tokens (SigLIP's ``last_hidden_state``) and any
+    hidden states. Parameters: ``vit`` (a ``VisionTransformer``, reusable as the LLaVA tower)
+    and ``final_norm`` (scale and bias [norm]).
     """
 
     config: ViTConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.config
+        self.vit = VisionTransformer(cfg)
+        self.final_norm = LayerNorm(
+            epsilon=cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
+
+    def encode(
+        self, images: jnp.ndarray, layer_indices: Sequence[int] = ()
+    ) -> tuple[tuple[jnp.ndarray, ...], jnp.ndarray]:
+        """[B, H, W, C] images -> (hidden states of ``layer_indices``, normed last tokens).
+
+        Every array is [B, N, width] with the CLS token (when used) first; ``layer_indices``
+        are ``VisionTransformer``'s (0 = embeddings, -1 = last block's output, before the norm).
+        """
+        *states, last = self.vit(images, (*layer_indices, -1), drop_cls=False)
+        return tuple(states), self.final_norm(last)
+
     def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
         """[B, H, W, C] images -> [B, width]."""
-        cfg = self.config
-        (x,) = VisionTransformer(cfg, name="vit")(images, (-1,), drop_cls=False)
-        x = LayerNorm(
-            epsilon=cfg.norm_epsilon,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            name="final_norm",
-        )(x)
-        return x[:, 0] if cfg.use_cls_token else jnp.mean(x, axis=1)
+        _, normed = self.encode(images)
+        return normed[:, 0] if self.config.use_cls_token else jnp.mean(normed, axis=1)

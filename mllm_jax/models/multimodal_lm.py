@@ -54,6 +54,9 @@ class MultimodalConfig:
     ``vision_feature_layer`` is the ViT hidden state the MLP projector reads (CLIP index, -2 =
     penultimate, SPEC §1); the VCE projector reads ``vce.level_indices`` (anchor first).
     ``contrastive_dim`` is C', the width of the shared space of late and joint fusion.
+    ``keep_cls_token`` feeds the MLP projector the ViT's CLS token too (P = 1 + h·w, CLS
+    first): Hugging Face LLaVA's ``vision_feature_select_strategy="full"``; the default drops
+    it ("default").
     """
 
     vocab_size: int
@@ -67,8 +70,14 @@ class MultimodalConfig:
     fusion: str = "early"
     freeze_vision: bool = True
     contrastive_dim: int = 128
+    keep_cls_token: bool = False
 
     def __post_init__(self):
+        if self.keep_cls_token and (self.projector != "mlp" or not self.vision.use_cls_token):
+            raise ValueError(
+                "keep_cls_token needs the MLP projector and a vision tower with a CLS token "
+                f"(projector={self.projector!r}, vision.use_cls_token={self.vision.use_cls_token})"
+            )
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"fusion {self.fusion!r} is not one of {FUSION_MODES}")
         if self.projector not in PROJECTORS:
@@ -86,9 +95,10 @@ class MultimodalConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        """P: image tokens each image contributes (the ViT's patch grid, CLS dropped)."""
+        """P: image tokens each image contributes (the ViT's patch grid, plus the CLS token
+        when ``keep_cls_token``)."""
         height, width = self.vision.grid_shape()
-        return height * width
+        return height * width + int(self.keep_cls_token)
 
 
 class JointOutputs(NamedTuple):
@@ -158,7 +168,7 @@ class MultimodalLM(nn.Module):
         batch, slots = images.shape[:2]
         flat = images.reshape(batch * slots, *images.shape[2:])
         indices = (cfg.vision_feature_layer,) if cfg.projector == "mlp" else cfg.vce.level_indices
-        hidden = self.vision(flat, indices, drop_cls=True)
+        hidden = self.vision(flat, indices, drop_cls=not cfg.keep_cls_token)
         if cfg.freeze_vision:
             hidden = jax.lax.stop_gradient(hidden)
         if cfg.projector == "mlp":

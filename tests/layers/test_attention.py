@@ -281,6 +281,42 @@ def test_multi_head_attention_matches_numpy(kv_heads, use_rope, kind):
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("bias", ["qkv", "all"])
+def test_multi_head_attention_biases_match_numpy(bias):
+    """Qwen2 ("qkv": q, k, v biased) and CLIP/SigLIP ("all": the output projection too)."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(B, N, EMBED)).astype(np.float32)
+    mask = mask_of_kind("causal")
+    positions = np.tile(np.arange(N), (B, 1))
+    module = MultiHeadAttention(num_heads=HEADS, num_kv_heads=2, head_dim=HEAD_DIM, bias=bias)
+    args = (jnp.asarray(x), jnp.asarray(mask), jnp.asarray(positions))
+    params = init_params(module, *args)
+    biased = {"query": (HEADS, HEAD_DIM), "key": (2, HEAD_DIM), "value": (2, HEAD_DIM)}
+    if bias == "all":
+        biased["out"] = (EMBED,)
+    assert {k: v["bias"].shape for k, v in params.items() if "bias" in v} == biased
+    params = jax.tree_util.tree_map(  # biases start at zero: make them matter
+        lambda a: a + 0.3 * rng.normal(size=a.shape).astype(np.float32), params
+    )
+    got = np.asarray(module.apply({"params": params}, *args))
+    b = {k: np.asarray(v.get("bias", 0.0), np.float64) for k, v in params.items()}
+    x64 = np.asarray(x, np.float64)
+    q, k, v = (
+        np.einsum("bne,ehd->bnhd", x64, np.asarray(params[n]["kernel"], np.float64)) + b[n]
+        for n in ("query", "key", "value")
+    )
+    q, k = ref_rope(q, positions, 10_000.0), ref_rope(k, positions, 10_000.0)
+    attended = ref_attention(q, k, v, mask)
+    want = np.einsum("bnhd,hde->bne", attended, np.asarray(params["out"]["kernel"])) + b["out"]
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_attention_rejects_an_unknown_bias_kind():
+    module = MultiHeadAttention(num_heads=2, num_kv_heads=2, head_dim=4, bias="q")
+    with pytest.raises(ValueError, match="attention bias 'q' is not one of"):
+        module.init(jax.random.key(0), jnp.ones((1, 2, 8)), None, jnp.zeros((1, 2), jnp.int32))
+
+
 @pytest.mark.parametrize("use_rope", [True, False])
 def test_multi_head_attention_depends_on_positions_only_with_rope(use_rope):
     rng = np.random.default_rng(21)

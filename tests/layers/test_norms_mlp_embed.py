@@ -184,6 +184,35 @@ def test_gelu_mlp_uses_exact_erf_gelu():
     assert not np.allclose(got, approx, rtol=RTOL, atol=ATOL)
 
 
+def gelu_tanh(z):
+    return 0.5 * z * (1 + math.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def quick_gelu(z):
+    return z / (1.0 + math.exp(-1.702 * z))
+
+
+@pytest.mark.parametrize(
+    ("activation", "reference"),
+    [("gelu", gelu_exact), ("gelu_tanh", gelu_tanh), ("quick_gelu", quick_gelu)],
+)
+def test_biased_mlp_matches_reference(activation, reference):
+    """The CLIP (quick_gelu) and SigLIP (gelu_tanh) feed-forwards: biases on both projections."""
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=(2, 3, EMBED)) * 1.5).astype(np.float32)
+    module = MLP(hidden_dim=HIDDEN, activation=activation, use_bias=True)
+    params = init_params(module, jnp.asarray(x))
+    assert params["wi"]["bias"].shape == (HIDDEN,) and params["wo"]["bias"].shape == (EMBED,)
+    params = jax.tree_util.tree_map(  # biases start at zero: make them matter
+        lambda a: a + rng.normal(size=a.shape).astype(np.float32), params
+    )
+    got = np.asarray(module.apply({"params": params}, jnp.asarray(x)))
+    pre = ref_matmul(x, params["wi"]["kernel"]) + np.asarray(params["wi"]["bias"])
+    hidden = np.vectorize(reference)(pre)
+    want = ref_matmul(hidden, params["wo"]["kernel"]) + np.asarray(params["wo"]["bias"])
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
 def test_mlp_rejects_unknown_activation():
     module = MLP(hidden_dim=4, activation="relu")
     with pytest.raises(ValueError, match=r"unknown MLP activation 'relu'.*swiglu.*gelu"):

@@ -7,6 +7,7 @@ Tolerance: float32 library output vs float64 reference, rtol=1e-5, atol=1e-5.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -289,3 +290,40 @@ def test_grid_shape_and_invalid_sizes():
         ViTConfig(image_size=10, patch_size=4, width=8, num_layers=1, num_heads=2, mlp_dim=8)
     with pytest.raises(ValueError, match="num_heads"):
         ViTConfig(image_size=8, patch_size=4, width=9, num_layers=1, num_heads=2, mlp_dim=8)
+
+
+def test_pretrained_tower_options_add_only_their_params_and_defaults_add_none():
+    def paths(config: ViTConfig) -> set[str]:
+        boxed = jax.eval_shape(
+            PooledVisionTransformer(config).init, jax.random.key(0), images(8, 12)
+        )
+        flat = jax.tree_util.tree_flatten_with_path(strip_boxes(boxed["params"]))[0]
+        return {"/".join(k.key for k in path) for path, _ in flat}
+
+    default = paths(CONFIG)
+    assert "vit/patch_embedding/bias" in default
+    assert not any("pre_norm/" in p or p.endswith(("query/bias", "wi/bias")) for p in default)
+    clip_like = dataclasses.replace(
+        CONFIG,
+        mlp_activation="quick_gelu",
+        attention_bias="all",
+        mlp_bias=True,
+        patch_bias=False,
+        pre_norm=True,
+    )
+    added = {"vit/pre_norm/scale", "vit/pre_norm/bias"} | {
+        f"vit/layers_{i}/{name}/bias"
+        for i in range(CONFIG.num_layers)
+        for name in ("attention/query", "attention/key", "attention/value", "attention/out")
+        + ("mlp/wi", "mlp/wo")
+    }
+    assert paths(clip_like) == (default - {"vit/patch_embedding/bias"}) | added
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("mlp_activation", "swiglu", "mlp_activation 'swiglu'"), ("attention_bias", "qk", "'qk'")],
+)
+def test_invalid_tower_options_raise_naming_them(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(CONFIG, **{field: value})
