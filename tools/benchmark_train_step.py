@@ -9,11 +9,16 @@ are random tokens, so the data pipeline is not part of the measurement.
 """
 
 import json
+import pathlib
 import statistics
+import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+# configs/ import each other (configs/moe_lm.py: `from configs import base`): from anywhere.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/base.py:size=small", "Experiment config.")
