@@ -11,7 +11,10 @@ prompts of a template not used in training.
   nice -n 19 .venv/bin/python experiments/fusemix.py
 
 writes <workdir>/results.json (every run and the mean ± std table), <workdir>/fusemix.png and
-experiments/results/fusemix.md. Adapters are smaller than the paper's (SPEC §6: e 512, n 4,
+experiments/results/fusemix.md. Each run trains with the shared trainer in its own directory
+<runs_dir>/<budget>_<method>_<seed> (checkpoints, metrics.jsonl, TensorBoard, plots); with
+--runs_dir set they are kept and an interrupted run resumes there, otherwise they go to a
+temporary directory deleted at the end. Adapters are smaller than the paper's (SPEC §6: e 512, n 4,
 r 4) so that 18 runs fit a 2-core CPU; the flags set them.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+import tempfile
 import time
 
 import jax
@@ -37,6 +41,9 @@ from mllm_jax.recipes.fusemix import FuseMixConfig, train_fusemix  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/fusemix", "Caches, results.json and the plot go here.")
+flags.DEFINE_string(
+    "runs_dir", None, "Keep each run's trainer workdir here (default: a deleted temporary dir)."
+)
 flags.DEFINE_string("table", "experiments/results/fusemix.md", "Markdown results table.")
 flags.DEFINE_list("budgets", ["0.01", "0.1", "1.0"], "Fractions of the train pairs.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (init, budget subset, data order, mixing).")
@@ -145,23 +152,8 @@ def plot(table: dict, path: pathlib.Path) -> None:
     plt.close(figure)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    started = time.perf_counter()
-    workdir = pathlib.Path(FLAGS.workdir)
-    # Runs of one budget and method compile the same step: compile it once.
-    jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    caches = build_caches(workdir)
-    train_caches = [caches[f"{name}_train"] for name in PAIR_SETS]
-    held_out = {f"{name}_test": caches[f"{name}_test"] for name in PAIR_SETS}
-    adapter = AdapterConfig(
-        embed_dim=FLAGS.embed_dim,
-        num_blocks=FLAGS.num_blocks,
-        mlp_ratio=FLAGS.mlp_ratio,
-        dropout=FLAGS.dropout,
-    )
+def train_all(train_caches, held_out, adapter, runs_dir: pathlib.Path) -> tuple[list, dict]:
+    """Every (budget, method, seed) run, each in ``runs_dir/<budget>_<method>_<seed>``."""
     runs, pairs_of = [], {}
     for budget in FLAGS.budgets:
         for method in ("no_mix", "fusemix"):
@@ -182,7 +174,10 @@ def main(argv):
                     weight_decay=FLAGS.weight_decay,
                     seed=seed,
                 )
-                result = train_fusemix(selections, config, evaluate_on=held_out, progress=False)
+                result = train_fusemix(
+                    selections, config, workdir=runs_dir / f"{budget}_{method}_{seed}",
+                    evaluate_on=held_out, progress=False,
+                )  # fmt: skip
                 pairs_of[budget] = result.num_pairs
                 runs.append({
                     "budget": float(budget), "method": method, "seed": seed,
@@ -192,6 +187,29 @@ def main(argv):
                     "eval": result.evaluations,
                 })  # fmt: skip
                 logging.info("%s", json.dumps(runs[-1]))
+    return runs, pairs_of
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    started = time.perf_counter()
+    workdir = pathlib.Path(FLAGS.workdir)
+    # Runs of one budget and method compile the same step: compile it once.
+    jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    caches = build_caches(workdir)
+    train_caches = [caches[f"{name}_train"] for name in PAIR_SETS]
+    held_out = {f"{name}_test": caches[f"{name}_test"] for name in PAIR_SETS}
+    adapter = AdapterConfig(
+        embed_dim=FLAGS.embed_dim,
+        num_blocks=FLAGS.num_blocks,
+        mlp_ratio=FLAGS.mlp_ratio,
+        dropout=FLAGS.dropout,
+    )
+    with tempfile.TemporaryDirectory(prefix="fusemix_runs_") as temporary:
+        runs_dir = pathlib.Path(FLAGS.runs_dir or temporary)
+        runs, pairs_of = train_all(train_caches, held_out, adapter, runs_dir)
     table = summarize(runs)
     seconds = time.perf_counter() - started
     command = "nice -n 19 .venv/bin/python experiments/fusemix.py " + " ".join(sys.argv[1:])

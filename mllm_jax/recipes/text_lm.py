@@ -29,7 +29,7 @@ from mllm_jax.models.decoder_lm import DecoderLM, transformer_config_from
 from mllm_jax.train import step as step_lib
 from mllm_jax.train.log_window import window_step_seconds
 from mllm_jax.train.losses import loss_chunk_size_from
-from mllm_jax.train.metric_writers import read_jsonl
+from mllm_jax.train.metric_writers import read_run_history
 from mllm_jax.train.multimodal_task import text_loss_fn
 from mllm_jax.train.param_groups import ParamGroup
 from mllm_jax.train.trainer import TrainResult, TrainTask, train
@@ -160,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = train_text_lm(config, workdir_path)
     if result.preempted:
         return {}
-    history = _read_history(workdir_path / "metrics.jsonl", result.history)
+    history = read_run_history(workdir_path, result.history)
     results = final_results(history, num_params=result.total_params)
     (workdir_path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(
@@ -169,14 +169,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush=True,
     )
     return results
-
-
-def _read_history(metrics_path: pathlib.Path, this_run: list[dict]) -> list[dict]:
-    """The whole run's records: a resumed run's own history lacks the steps before the resume."""
-    if not metrics_path.exists():
-        return this_run
-    records = {record["step"]: record for record in read_jsonl(metrics_path)}
-    return [records[step] for step in sorted(records)] or this_run
 
 
 def final_results(history: list[dict], *, num_params: int) -> dict:

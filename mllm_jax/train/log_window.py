@@ -1,11 +1,14 @@
 """The steps between two log records, kept on the device until a record is due.
 
-The train loop never waits for the device between steps: it dispatches step after step (JAX runs
-ahead asynchronously, bounded by its own in-flight limit) and hands each step's metrics,
-still device arrays, to a ``LogWindow``. Only when a record is written, a checkpoint is about to
-be saved, or the run ends does the window fetch them: that one host sync per window is where the
-non-finite guard raises and where step time is measured, as wall time over the window divided
-by its steps (big_vision and MaxText time their steps the same way).
+The train loop never waits for the step it just dispatched: it dispatches step after step (JAX
+runs ahead asynchronously) and hands each step's metrics, still device arrays, to a
+``LogWindow``. The run-ahead is bounded: adding step k waits for step k - ``MAX_STEPS_AHEAD``,
+long finished on an accelerator that keeps up, but a cap on the queue of dispatched steps on
+XLA:CPU, where a multi-device step with collectives deadlocked with ~64 steps queued (jax
+0.10.2). Only when a record is written, a checkpoint is about to be saved, or the run ends does
+the window fetch the metrics: that one host sync per window is where the non-finite guard raises
+and where step time is measured, as wall time over the window divided by its steps (big_vision
+and MaxText time their steps the same way).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import numpy as np
 
 from mllm_jax.train import mfu as mfu_lib
 from mllm_jax.train import step as step_lib
+
+MAX_STEPS_AHEAD = 8
+# Step metrics the record summarises over the window itself (or leaves out).
+_WINDOW_KEYS = ("loss", "grad_norm", "num_targets", "finite")
 
 
 class LogWindow:
@@ -44,6 +51,8 @@ class LogWindow:
         self._metrics.append(metrics)
         self._data_seconds += data_seconds
         self._counts += counts
+        if len(self._metrics) > MAX_STEPS_AHEAD:
+            jax.block_until_ready(self._metrics[-1 - MAX_STEPS_AHEAD]["loss"])
 
     def check_finite(self) -> None:
         """Blocks on the window's steps; raises for the first one whose update was skipped.
@@ -72,8 +81,8 @@ class LogWindow:
             "loss": float(np.mean(losses)),
             "grad_norm": float(host["grad_norm"]),
         }
-        record |= {k: float(v) for k, v in host.items() if k.startswith("learning_rate/")}
-        record |= {k: float(v) for k, v in host.items() if k.startswith("moe/")}
+        # Learning rates and the loss function's own metrics (MoE load, FuseMix's τ), last step.
+        record |= {k: float(v) for k, v in host.items() if k not in _WINDOW_KEYS}
         if seconds > 0:
             record["step_time_s"] = seconds / num_steps
             record["data_time_s"] = self._data_seconds / num_steps

@@ -200,3 +200,16 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         }
         for _, record in _parsed_lines(pathlib.Path(path))
     ]
+
+
+def read_run_history(logdir: str | os.PathLike[str], this_run: list[dict]) -> list[dict]:
+    """The whole run's records, one per step, from ``logdir/metrics.jsonl``.
+
+    ``this_run`` (``TrainResult.history``) lacks the steps a resumed run did before it resumed;
+    it is returned as is when the file does not exist (processes other than 0) or is empty.
+    """
+    path = pathlib.Path(logdir) / "metrics.jsonl"
+    if not path.exists():
+        return this_run
+    records = {record["step"]: record for record in read_jsonl(path)}
+    return [records[step] for step in sorted(records)] or this_run

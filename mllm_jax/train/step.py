@@ -93,7 +93,10 @@ def _micro_batches(batch: Batch, accumulation_steps: int) -> Batch:
 
 
 def make_grouped_train_step(
-    loss_fn: SumLossFn, grouped_optimizer: GroupedOptimizer, accumulation_steps: int = 1
+    loss_fn: SumLossFn,
+    grouped_optimizer: GroupedOptimizer,
+    accumulation_steps: int = 1,
+    project_trainable: Callable[[Any], Any] | None = None,
 ) -> Callable[[GroupedTrainState, Batch, jax.Array], tuple[GroupedTrainState, dict]]:
     """Returns the pure ``step(state, batch, rng) -> (state, metrics)`` over param groups.
 
@@ -103,7 +106,9 @@ def make_grouped_train_step(
     return a third element, a dict of scalar metrics (MoE load, drops): they are averaged over
     the micro-batches and returned among the step's metrics. Gradients are
     taken w.r.t. ``state.trainable`` only and accumulated in the params' dtype; the loss in
-    float32. Micro-batch i draws ``fold_in(fold_in(rng, step), i)``.
+    float32. Micro-batch i draws ``fold_in(fold_in(rng, step), i)``. ``project_trainable``
+    maps the updated trainable params back onto their feasible set after every update (e.g.
+    FuseMix clamps its learnable temperature into range), inside the compiled step.
 
     A step whose loss or any gradient is non-finite returns ``state`` unchanged, so a bad batch
     never reaches the params, the optimizer moments or a checkpoint; ``check_finite`` then
@@ -153,11 +158,10 @@ def make_grouped_train_step(
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree_util.tree_leaves(grads_finite)))
 
         updates, opt_state = grouped_optimizer.update(grads, state.opt_state, state.trainable)
-        updated = state.replace(
-            step=state.step + 1,
-            trainable=optax.apply_updates(state.trainable, updates),
-            opt_state=opt_state,
-        )
+        trainable = optax.apply_updates(state.trainable, updates)
+        if project_trainable is not None:
+            trainable = project_trainable(trainable)
+        updated = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         new_state = jax.tree_util.tree_map(
             lambda new, old: jnp.where(finite, new, old), updated, state
         )

@@ -89,6 +89,8 @@ class TrainTask:
       pretrained: earlier stages' weights (a nested dict laid out like the params) put over the
         fresh init before training; paths it lacks keep their init.
       evaluate: ``params -> {name: value}`` run every ``eval_every`` steps and at the end.
+      project_trainable: ``trainable -> trainable`` applied inside the jitted step after every
+        optimizer update (a projection onto the feasible set, e.g. a clamped temperature).
       adapter: the adapter spec written into every checkpoint's metadata.
       config: the run config (JSON-able dict) for the checkpoint metadata.
     """
@@ -100,6 +102,7 @@ class TrainTask:
     make_train_stream: Callable[[], DataStream]
     pretrained: Mapping | None = None
     evaluate: Callable[[Any], Mapping[str, float]] | None = None
+    project_trainable: Callable[[Any], Any] | None = None
     adapter: AdapterConfig = AdapterConfig()
     config: Mapping = dataclasses.field(default_factory=dict)
 
@@ -257,7 +260,10 @@ def prepare_step(
     replicated = NamedSharding(mesh, PartitionSpec())
     step_fn = jax.jit(
         step_lib.make_grouped_train_step(
-            task.loss_fn, grouped, int(training_config.get("accumulation_steps", 1))
+            task.loss_fn,
+            grouped,
+            int(training_config.get("accumulation_steps", 1)),
+            project_trainable=task.project_trainable,
         ),
         in_shardings=(state_shardings, batch_sharding, replicated),
         out_shardings=(state_shardings, replicated),

@@ -5,13 +5,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mllm_jax import sharding
 from mllm_jax.models.fusion_adapter import (
     TEMPERATURE_RANGE,
     AdapterConfig,
     FuseMixModel,
     clamp_temperature,
 )
-from mllm_jax.recipes.fusemix import FuseMixConfig, init_fusemix_state, make_fusemix_train_step
+from mllm_jax.recipes.fusemix import (
+    LOGICAL_RULES,
+    FuseMixConfig,
+    fusemix_task,
+    optimizer_config,
+    training_config,
+)
 from mllm_jax.train.fusemix_loss import (
     fusemix,
     make_fusemix_loss,
@@ -20,6 +27,7 @@ from mllm_jax.train.fusemix_loss import (
     symmetric_info_nce,
 )
 from mllm_jax.train.optimizer import matrices_only
+from mllm_jax.train.trainer import prepare_step
 
 TINY = AdapterConfig(embed_dim=8, num_blocks=2, mlp_ratio=2.0, dropout=0.0)
 
@@ -95,17 +103,23 @@ def test_temperature_stays_in_its_clamp():
                               temperature_init=0.45),
         learning_rate=0.5, warmup_steps=0, num_steps=30, grad_clip_norm=1e9,
     )  # fmt: skip
-    model = FuseMixModel(config.adapter)
-    state, grouped = init_fusemix_state(model, config, 6, 4)
-    step = jax.jit(make_fusemix_train_step(model, grouped, config))
+    mesh = sharding.create_mesh({"data": 1}, devices=jax.devices()[:1])
+    # The trainer's own jitted step, with the task's clamp after every update.
+    prepared = prepare_step(
+        fusemix_task(config, (6, 4), None, batch_size=16),
+        optimizer_config=optimizer_config(config),
+        training_config=training_config(config, log_every=1, checkpoint_every=1, progress=False),
+        mesh=mesh, rules=LOGICAL_RULES,
+    )  # fmt: skip
     rng = np.random.default_rng(3)
     z = rng.normal(size=(16, 6)).astype(np.float32)
     # Text latents equal to a slice of the image ones: easy to align, so τ is pushed to its floor.
-    batch = {"image": z, "text": z[:, :4] * 3}
-    seen = []
-    for _ in range(config.num_steps):
-        state, _ = step(state, batch, jax.random.key(0))
-        seen.append(float(state.trainable["temperature"]))
+    batch = jax.device_put({"image": z, "text": z[:, :4] * 3}, prepared.batch_sharding)
+    state, seen = prepared.state, []
+    with sharding.mesh_context(mesh, LOGICAL_RULES):
+        for _ in range(config.num_steps):
+            state, _ = prepared.step_fn(state, batch, prepared.step_rng)
+            seen.append(float(state.trainable["temperature"]))
     assert all(TEMPERATURE_RANGE[0] <= t <= TEMPERATURE_RANGE[1] for t in seen), seen
     assert min(seen) == pytest.approx(TEMPERATURE_RANGE[0]) or max(seen) == pytest.approx(
         TEMPERATURE_RANGE[1]
