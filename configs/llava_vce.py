@@ -29,6 +29,12 @@ Ablation knobs (defaults reproduce the demo):
   --config.reuse_stages_from=runs/base        take stage0_vision + stage0_lm (config.reuse_stages)
                                               from a finished base run instead of training them
   --config.seed=1                             every stage's init, data order and dropout
+
+Pretrained start (docs/llava_recipe.md, configs/llava15_7b.py for the paper's 7B model):
+  --config.model.init_from=hf:DIR             DIR a llava-hf LLaVA checkpoint: its vision tower,
+                                              LM (frozen), tokenizer and image processor; its
+                                              config.json overrides the size fields (logged);
+                                              stage 0 is skipped, stages 1-2 train as above
 """
 
 import ml_collections
@@ -137,6 +143,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(
         dict(
+            # "hf:DIR": start from a llava-hf checkpoint (mllm_jax/recipes/llava_hf_base.py);
+            # "": train the tower and LM here (stage 0).
+            init_from="",
             vocab_size=512,
             embed_dim=width,
             num_layers=size["lm_layers"],
@@ -249,7 +258,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             lm_learning_rate=5e-4,
             # "vqa" is data.vqa_dataset; flips are off when its answers name positions.
             mixture=dict(vqa=1.0, multi_image=0.1),
-            eval_examples=size["eval_examples"],  # test questions scored at each periodic eval
+            # Test questions (stage 1: test captions) scored at each evaluation inside stages 1
+            # and 2, and at their end; 0: none (the `evaluate` stage still scores the model).
+            eval_examples=size["eval_examples"],
         )
     )
     config.evaluate = ml_collections.ConfigDict(

@@ -18,7 +18,10 @@ BIN = pathlib.Path(sys.executable).parent
 # command -> (first line of its module docstring, flags its usage lists)
 COMMANDS = {
     "mllm-train": ("Command line: ``python -m mllm_jax.train", ("--config", "--workdir")),
-    "mllm-generate": ("Answer questions about images", ("--model_dir", "--image", "--question")),
+    "mllm-generate": (
+        "Answer questions about images",
+        ("--model_dir", "--hf_dir", "--image", "--question"),
+    ),
     "mllm-sweep": ("Command line: run a named sweep", ("--sweep", "--workdir", "--dry_run")),
     "mllm-prepare-data": ("Builds a dataset into a TFDS data_dir", ("--dataset", "--data_dir")),
 }

@@ -17,9 +17,8 @@ from absl import app, flags
 
 from mllm_jax.data import builders
 from mllm_jax.data.builders.easy_vqa import ANSWERS
-from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.generate import saved_prompt
-from mllm_jax.models.saved_model import load_model
+from mllm_jax.models.saved_model import load_image_preprocessing, load_model, load_tokenizer
 from mllm_jax.train.evaluate_vqa import (
     EASY_VQA_TYPES,
     VQAExample,
@@ -80,8 +79,9 @@ def main(argv: Sequence[str]) -> None:
     # Prompted exactly as in training (template, system prompt), as the recipe evaluates.
     prompt = saved_prompt(FLAGS.saved_model)
     result = evaluate_vqa(
-        config, params, Tokenizer.load(tokenizer_path), examples, batch_size=FLAGS.batch_size,
+        config, params, load_tokenizer(tokenizer_path), examples, batch_size=FLAGS.batch_size,
         template=prompt["template"], system_prompt=prompt["system_prompt"],
+        preprocessing=load_image_preprocessing(FLAGS.saved_model, config),
     )  # fmt: skip
     print(f"{FLAGS.question_type}: accuracy {result.accuracy:.4f} on {len(examples)} questions "
           f"(first {count} of {FLAGS.split})")  # fmt: skip

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mllm_jax.data.sample import BadRecordError
+
+
+class ImageProcessor(Protocol):
+    """Prepares one image for a vision tower: ``ImagePreprocessing``, or an imported model's
+    ``hf_image_processor.HFImageProcessor``."""
+
+    def __call__(self, encoded: bytes, record_id: str, field: str) -> np.ndarray:
+        """Encoded image bytes -> [H, W, 3] float32; BadRecordError if undecodable."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

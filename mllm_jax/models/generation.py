@@ -23,8 +23,8 @@ from mllm_jax.models.sampling import sample_next_token
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GenerationResult:
-    """tokens [B, L] (pad after EOS), lengths [B] (tokens up to and including EOS), and the
-    logits [B, L, V] that chose each token (for testing and scoring)."""
+    """tokens [B, L] (pad after the stop token), lengths [B] (tokens up to and including the
+    first stop token), and the logits [B, L, V] that chose each token (for testing and scoring)."""
 
     tokens: np.ndarray
     lengths: np.ndarray
@@ -112,14 +112,15 @@ def generate(
     prompt_mask: jnp.ndarray,
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int = 0,
     rng: jax.Array | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     cross: tuple[jnp.ndarray, jnp.ndarray] | None = None,
 ) -> GenerationResult:
-    """Generates up to ``max_new_tokens`` per row, stopping rows at ``eos_id``.
+    """Generates up to ``max_new_tokens`` per row, stopping a row at ``eos_id`` (one id, or
+    several: EOS and a chat template's end-of-turn token).
 
     Args:
       lm: the DecoderLM (its ``decode`` flag is switched on here; params are unchanged).
@@ -143,6 +144,7 @@ def generate(
         length + max_new_tokens,
         cross,
     )
+    stop_ids = np.asarray(eos_id, np.int64).reshape(-1)
     tokens, all_logits = [], []
     done = np.zeros(batch, bool)
     for step in range(max_new_tokens):
@@ -152,7 +154,7 @@ def generate(
         all_logits.append(np.asarray(logits))
         token_np = np.where(done, pad_id, np.asarray(token))
         tokens.append(token_np)
-        done |= token_np == eos_id
+        done |= np.isin(token_np, stop_ids)
         if done.all() or step == max_new_tokens - 1:
             break
         position = position + 1
@@ -160,6 +162,6 @@ def generate(
             lm, params, cache, jnp.asarray(token_np), length + step, key_valid, position, cross
         )
     tokens = np.stack(tokens, axis=1)
-    is_eos = tokens == eos_id
+    is_eos = np.isin(tokens, stop_ids)
     lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, tokens.shape[1])
     return GenerationResult(tokens=tokens, lengths=lengths, logits=np.stack(all_logits, axis=1))

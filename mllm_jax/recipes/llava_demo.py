@@ -4,6 +4,8 @@
 ``configs/llava_vce.py``). With "all", a training stage whose final checkpoint already exists is
 not trained again, an interrupted stage resumes from its latest checkpoint, and the stages a
 config reuses from a base run (``llava_stage_dirs``) are read from there, never trained here.
+With ``model.init_from`` (``llava_hf_base``) both stage-0 stages are skipped and no tokenizer is
+trained: the imported checkpoint provides the tower, the LM and the tokenizer.
 """
 
 from __future__ import annotations
@@ -19,22 +21,23 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mllm_jax.data import builders
-from mllm_jax.data.tokenizer import Tokenizer, train_tokenizer
+from mllm_jax.data.tokenizer import train_tokenizer
 from mllm_jax.generate import PROMPT_FILE
 from mllm_jax.models.saved_model import save_model
-from mllm_jax.recipes import llava_data, llava_models, llava_stage_dirs, llava_stages
-from mllm_jax.train import checkpoint as checkpoint_lib
+from mllm_jax.recipes import llava_data, llava_hf_base, llava_models, llava_stage_dirs, llava_stages
 from mllm_jax.train import evaluate_vqa
 from mllm_jax.train.param_groups import group_of, tree_bytes
 from mllm_jax.train.summary_table import format_key_values, format_table
 
 TRAINING_STAGES = ("stage0_vision", "stage0_lm", "stage1", "stage2")
+IMPORTED_STAGES = ("stage0_vision", "stage0_lm")  # what model.init_from provides instead
 WALL_START_ENV = "MLLM_JAX_WALL_START"  # epoch seconds the caller (make demo) started at
 
 
 def prepare(config: Any) -> dict:
     """Builds the datasets the config reads (``llava_data.prepared_datasets``) and trains the
-    tokenizer into ``config.data.data_dir``, each only if absent."""
+    tokenizer into ``config.data.data_dir``, each only if absent (no tokenizer is trained for an
+    imported checkpoint: it brings its own)."""
     tfds.disable_progress_bar()
     sizes = {}
     for name in llava_data.prepared_datasets(config):
@@ -43,10 +46,10 @@ def prepare(config: Any) -> dict:
         )
         logging.info("%s: %s", name, sizes[name])
     path = llava_stages.tokenizer_path(config)
-    if not path.exists():
+    if llava_hf_base.hf_dir(config) is None and not path.exists():
         texts = llava_data.tokenizer_texts(config)
         train_tokenizer(texts, str(path.with_suffix("")), config.data.tokenizer_vocab_size)
-    tokenizer = Tokenizer.load(path)
+    tokenizer = llava_stages.load_tokenizer(config)
     logging.info("tokenizer %s: %d ids", path, tokenizer.vocab_size)
     return sizes
 
@@ -69,7 +72,7 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
     tokenizer = llava_stages.load_tokenizer(config)
     mm_config = llava_models.multimodal_config(config, with_adapter=True)
     stage2_dir = llava_stage_dirs.stage_dir(workdir, "stage2")
-    params = checkpoint_lib.load_trained_params(stage2_dir)
+    params = llava_stages.trained_params(config, stage2_dir)
     kwargs = llava_stages._eval_kwargs(config)
     limit = config.evaluate.test_examples
 
@@ -94,9 +97,13 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
     eval_seconds = time.perf_counter() - eval_started
 
     model_dir = workdir / "model"
-    save_model(model_dir, mm_config, params, str(llava_stages.tokenizer_path(config)))
+    save_model(
+        model_dir, mm_config, params, llava_stages.tokenizer_path(config),
+        image_processor_config=llava_models.image_processor_config(config),
+    )  # fmt: skip
+    template = llava_hf_base.chat_template(config)
     (model_dir / PROMPT_FILE).write_text(
-        json.dumps({"template": config.data.template, "system_prompt": config.data.system_prompt})
+        json.dumps({"template": template, "system_prompt": config.data.system_prompt})
     )
     latest = max(int(p.name) for p in (stage2_dir / "checkpoints").iterdir() if p.name.isdigit())
     trainable_dir = stage2_dir / "checkpoints" / str(latest) / "trainable"
@@ -127,6 +134,7 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
             "tensorboard": str(workdir),
             "plots": [str(p) for p in sorted(workdir.glob("*/plots/*.png"))],
             "model": str(model_dir),
+            "init_from": str(llava_hf_base.hf_dir(config) or ""),
             "reused_stages": {
                 stage: str(llava_stage_dirs.results_dir(config, workdir, stage))
                 for stage in llava_stage_dirs.reused_stages(config)
@@ -202,6 +210,7 @@ def _print_report(results: dict, test: list, result, workdir: pathlib.Path) -> N
 def run(config: Any, workdir: str | pathlib.Path) -> dict | None:
     """Runs ``config.stage`` ("all" or one stage) in ``workdir``; the results if evaluated."""
     started = float(os.environ.get(WALL_START_ENV, time.time()))
+    llava_hf_base.check_init_from(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -221,6 +230,9 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict | None:
             prepare(config)
         elif stage == "evaluate":
             return evaluate(config, workdir, started)
+        elif stage in IMPORTED_STAGES and llava_hf_base.hf_dir(config) is not None:
+            logging.info("%s: skipped, model.init_from=%r gives the tower and LM", stage,
+                         config.model.init_from)  # fmt: skip
         elif stage in reused:
             logging.info("%s: reused from %s", stage, config.reuse_stages_from)
         elif config.stage == "all" and _stage_finished(config, workdir, stage):

@@ -67,7 +67,8 @@ _DATA_FIELDS = ("image_size", "template", "system_prompt", "max_examples",
 def stage_inputs(config: dict, stage: str) -> dict:
     """The fields of ``config`` (as a JSON dict) that decide what ``stage`` trains: its
     section, the shared optimizer, the data it reads and the model parts it builds."""
-    model = config["model"]
+    # Runs from before model.init_from existed recorded none: "" is the same.
+    model = {k: v for k, v in config["model"].items() if k != "init_from" or v}
     inputs = {
         stage: config[stage],
         "optimizer": config["optimizer"],
@@ -130,8 +131,12 @@ def check_reused_stages(config: Any) -> None:
 
 
 def check_predecessors(config: Any, stage: str, workdir: pathlib.Path) -> None:
-    """Raises FileNotFoundError naming the earlier stages ``stage`` needs and has not got."""
-    directories = {name: results_dir(config, workdir, name) for name in REQUIRES.get(stage, ())}
+    """Raises FileNotFoundError naming the earlier stages ``stage`` needs and has not got
+    (stage 1 needs none when ``model.init_from`` gives it its tower and LM)."""
+    required = REQUIRES.get(stage, ())
+    if stage == "stage1" and config.model.get("init_from"):
+        required = ()
+    directories = {name: results_dir(config, workdir, name) for name in required}
     missing = [
         name
         for name, directory in directories.items()

@@ -12,6 +12,10 @@ Stage 2 alternatives: ``model.adapter.kind`` picks the adapter ("none" for no ad
 ``stage2.train_lm`` (with ``model.adapter.kind="none"``) fine-tunes the whole LM at
 ``stage2.lm_learning_rate`` instead. Each stage's initialization, data order and dropout follow
 ``stage_seed(config, stage)``, which ``config.seed`` changes for every stage.
+
+With ``model.init_from = "hf:DIR"`` (``llava_hf_base.py``) stage 0 is not run: stages 1 and 2
+take the frozen tower and LM from DIR (read onto the mesh), stage 2 adds stage 1's trainable
+params alone, and the tokenizer, chat template and image processor are DIR's.
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 
 from mllm_jax import sharding
+from mllm_jax.checkpoint_conversion.hf_llava import abstract_llava_params
+from mllm_jax.checkpoint_conversion.targets import param_targets
 from mllm_jax.data import builders
+from mllm_jax.data.hf_tokenizer import HFTokenizer
 from mllm_jax.data.packing import PackingSpec
 from mllm_jax.data.pipeline import PipelineOptions
 from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.layers.lora_params import ADAPTER_PARAM_REGEX
 from mllm_jax.models.multimodal_lm import MultimodalLM
-from mllm_jax.recipes import llava_data, llava_models
+from mllm_jax.recipes import llava_data, llava_hf_base, llava_models
 from mllm_jax.recipes.llava_data import load_source
 from mllm_jax.recipes.llava_stage_config import config_json, per_process, stage_seed
 from mllm_jax.recipes.llava_stage_dirs import check_predecessors, results_dir, stage_dir
@@ -49,17 +57,28 @@ LM_PATTERN = r"^lm/"
 
 
 def tokenizer_path(config: Any) -> pathlib.Path:
+    """The sentencepiece file the recipe trains (or ``data.tokenizer``), or the imported
+    checkpoint's directory (``model.init_from``)."""
+    directory = llava_hf_base.hf_dir(config)
+    if directory is not None:
+        return directory
     return pathlib.Path(
         config.data.tokenizer or pathlib.Path(config.data.data_dir) / "tokenizer.model"
     )
 
 
-def load_tokenizer(config: Any) -> Tokenizer:
-    tokenizer = Tokenizer.load(tokenizer_path(config))
-    if tokenizer.vocab_size > config.model.vocab_size:
+def load_tokenizer(config: Any) -> Tokenizer | HFTokenizer:
+    """The recipe's tokenizer (the imported checkpoint's with ``model.init_from``), checked to
+    fit the model's vocabulary."""
+    if llava_hf_base.hf_dir(config) is not None:
+        tokenizer = llava_hf_base.load_tokenizer(config)
+    else:
+        tokenizer = Tokenizer.load(tokenizer_path(config))
+    vocab_size = llava_models.multimodal_config(config, with_adapter=False).vocab_size
+    if tokenizer.vocab_size > vocab_size:
         raise ValueError(
             f"the tokenizer at {tokenizer_path(config)} has {tokenizer.vocab_size} ids but "
-            f"model.vocab_size is {config.model.vocab_size}"
+            f"the model's vocabulary has {vocab_size}"
         )
     return tokenizer
 
@@ -84,12 +103,12 @@ def stage_training(config: Any, section: Any) -> ml_collections.ConfigDict:
 
 
 def packing_spec(config: Any, section: Any, tokenizer: Tokenizer, max_images: int) -> PackingSpec:
-    height, width = llava_models.vit_config(config).grid_shape()
+    tokens_per_image = llava_models.multimodal_config(config, with_adapter=False).tokens_per_image
     return PackingSpec(
         seq_len=section.seq_len,
         max_images=max_images,
-        image_size=config.data.image_size,
-        tokens_per_image=height * width,
+        image_size=llava_models.image_size(config),
+        tokens_per_image=tokens_per_image,
         image_id=tokenizer.image_id,
         pad_id=tokenizer.pad_id,
     )
@@ -128,10 +147,10 @@ def train_stream(config: Any, stage: str, tokenizer: Tokenizer):
         raise ValueError(f"{stage!r} has no packed training stream")
     return make_stream(
         sources, [weight for _, weight in pairs], tokenizer,
-        template=config.data.template, system_prompt=config.data.system_prompt,
+        template=llava_hf_base.chat_template(config), system_prompt=config.data.system_prompt,
         spec=packing_spec(config, section, tokenizer, max_images=max_images),
         options=pipeline_options(config, section, stage, augment=augment),
-        text_only=stage == "stage0_lm",
+        text_only=stage == "stage0_lm", preprocessing=llava_models.image_processor(config),
     )  # fmt: skip
 
 
@@ -188,15 +207,25 @@ def _vqa_metrics(result: evaluate_vqa.VQAResult, prefix: str = "") -> dict[str, 
     return metrics
 
 
+def stage1_pretrained(config: Any, workdir: pathlib.Path) -> dict:
+    """Stage 1's frozen tower and LM (and, for an imported MLP projector, its start): stage 0's
+    results, or the imported checkpoint's."""
+    if llava_hf_base.hf_dir(config) is not None:
+        return llava_hf_base.load_base_params(config, *mesh_and_rules(config))
+    vision_dir = results_dir(config, workdir, "stage0_vision")
+    vision = checkpoint_lib.load_trained_params(vision_dir)["vision"]
+    lm = checkpoint_lib.load_trained_params(results_dir(config, workdir, "stage0_lm"))
+    return {"vision": vision} | nest_under("lm", lm)
+
+
 def stage1_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> TrainTask:
-    """Projector alignment on captions: ViT and LM frozen (from stage 0), VCE + projector train."""
+    """Projector alignment on captions: ViT and LM frozen (from stage 0 or the imported
+    checkpoint), VCE + projector train."""
     section = config.stage1
     mm_config = llava_models.multimodal_config(config, with_adapter=False)
     model = MultimodalLM(mm_config)
     spec = packing_spec(config, section, tokenizer, max_images=section.max_images)
-    vision_dir = results_dir(config, workdir, "stage0_vision")
-    vision = checkpoint_lib.load_trained_params(vision_dir)["vision"]
-    lm = checkpoint_lib.load_trained_params(results_dir(config, workdir, "stage0_lm"))
+    pretrained = stage1_pretrained(config, workdir)
     test_captions = caption_examples(
         load_source(config, "easy_vqa_captions", "test"), config.stage2.eval_examples
     )
@@ -219,8 +248,8 @@ def stage1_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
             )
         ],
         make_train_stream=lambda: train_stream(config, "stage1", tokenizer),
-        pretrained={"vision": vision} | nest_under("lm", lm),
-        evaluate=evaluate,
+        pretrained=pretrained,
+        evaluate=evaluate if config.stage2.eval_examples else None,
         config=config_json(config),
     )
 
@@ -228,9 +257,10 @@ def stage1_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
 def _eval_kwargs(config: Any) -> dict:
     return dict(
         batch_size=config.evaluate.batch_size,
-        template=config.data.template,
+        template=llava_hf_base.chat_template(config),
         system_prompt=config.data.system_prompt,
         max_new_tokens=config.evaluate.max_new_tokens,
+        preprocessing=llava_models.image_processor(config),
     )
 
 
@@ -273,7 +303,7 @@ def stage2_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
     model = MultimodalLM(mm_config)
     spec = packing_spec(config, section, tokenizer, max_images=section.max_images)
     param_groups = stage2_param_groups(config)
-    stage1 = checkpoint_lib.load_trained_params(results_dir(config, workdir, "stage1"))
+    stage1 = trained_params(config, results_dir(config, workdir, "stage1"))
     eval_examples = llava_data.vqa_test_examples(config, section.eval_examples)
 
     def evaluate(params):
@@ -289,10 +319,28 @@ def stage2_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
         param_groups=param_groups,
         make_train_stream=lambda: train_stream(config, "stage2", tokenizer),
         pretrained=stage1,
-        evaluate=evaluate,
+        evaluate=evaluate if section.eval_examples else None,
         adapter=llava_models.adapter_config(config),
         config=config_json(config),
     )
+
+
+def trained_params(config: Any, directory: pathlib.Path) -> dict:
+    """The full params a finished stage 1 or 2 left in ``directory``: its checkpoint with its
+    saved base weights, or, with ``model.init_from``, its trainable params over the imported
+    checkpoint's, both read straight onto the run's mesh (the stage's copy of the base is not
+    read)."""
+    if llava_hf_base.hf_dir(config) is None:
+        return checkpoint_lib.load_trained_params(directory)
+    mesh, rules = mesh_and_rules(config)
+    model = MultimodalLM(llava_models.multimodal_config(config, with_adapter=True))
+    targets = param_targets(abstract_llava_params(model), mesh, rules)
+    trainable = checkpoint_lib.load_trainable_params(
+        directory, {path: target.sharding for path, target in targets.items()}
+    )
+    flat = traverse_util.flatten_dict(llava_hf_base.load_base_params(config, mesh, rules))
+    flat |= traverse_util.flatten_dict(trainable)
+    return traverse_util.unflatten_dict(flat)
 
 
 def run_task(config: Any, task: TrainTask, section: Any, workdir: pathlib.Path) -> TrainResult:

@@ -18,6 +18,7 @@ no half checkpoint that ``latest_step`` or ``restore`` could see.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -202,24 +203,29 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
     )
 
 
-def read_params(path: str | pathlib.Path) -> dict:
+def read_params(
+    path: str | pathlib.Path, shardings: Mapping[str, jax.sharding.Sharding] | None = None
+) -> dict:
     """A params checkpoint (``save_base_params``, or a step's ``trainable`` item) read onto the
-    first local device, whatever mesh wrote it; callers re-place it (``pretrained.overlay``)."""
+    first local device, whatever mesh wrote it; callers re-place it (``pretrained.overlay``).
+    ``shardings`` ("/"-joined path -> sharding) reads each array straight onto its sharding."""
     path = pathlib.Path(path).absolute()
     checkpointer = ocp.StandardCheckpointer()
-    device = jax.local_devices()[0]
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(
-            m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
-        ),
-        checkpointer.metadata(path).item_metadata.tree,
-    )
-    return checkpointer.restore(path, abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    flat = traverse_util.flatten_dict(checkpointer.metadata(path).item_metadata.tree, sep="/")
+    abstract = {
+        name: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=(shardings or {}).get(name, device))
+        for name, m in flat.items()
+    }
+    return checkpointer.restore(path, traverse_util.unflatten_dict(abstract, sep="/"))
 
 
-def load_trained_params(workdir: str | pathlib.Path) -> dict:
-    """The full params a finished training run left in ``workdir``: its base weights (if any
-    were frozen) combined with the trainable params of its latest checkpoint.
+def load_trainable_params(
+    workdir: str | pathlib.Path, shardings: Mapping[str, jax.sharding.Sharding] | None = None
+) -> dict:
+    """The trainable params of the latest checkpoint a training run left in ``workdir`` (no
+    base weights: a caller that holds them already, e.g. an imported model, adds them), read
+    as ``read_params`` reads them.
 
     Raises:
       FileNotFoundError: naming ``workdir`` when it holds no committed checkpoint.
@@ -233,7 +239,18 @@ def load_trained_params(workdir: str | pathlib.Path) -> dict:
     )
     if not steps:
         raise FileNotFoundError(f"no training checkpoint under {checkpoints}; run that stage first")
-    flat = traverse_util.flatten_dict(read_params(checkpoints / str(steps[-1]) / "trainable"))
+    return read_params(checkpoints / str(steps[-1]) / "trainable", shardings)
+
+
+def load_trained_params(workdir: str | pathlib.Path) -> dict:
+    """The full params a finished training run left in ``workdir``: its base weights (if any
+    were frozen) combined with the trainable params of its latest checkpoint.
+
+    Raises:
+      FileNotFoundError: naming ``workdir`` when it holds no committed checkpoint.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    flat = traverse_util.flatten_dict(load_trainable_params(workdir))
     base = workdir / "base_params"
     if base.exists():
         flat |= traverse_util.flatten_dict(read_params(base))

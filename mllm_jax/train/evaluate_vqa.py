@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from mllm_jax.data.images import ImageProcessor
 from mllm_jax.data.templates import V1_SYSTEM_PROMPT, tokenize_sample
 from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.generate import answer_questions
@@ -76,12 +77,14 @@ def evaluate_vqa(
     max_new_tokens: int = 8,
     zero_images: bool = False,
     length_multiple: int = 16,
+    preprocessing: ImageProcessor | None = None,
 ) -> VQAResult:
     """Answers every example in batches and scores the answers.
 
     Every batch is padded to ``batch_size`` questions (repeating the last one; the extra
     answers are dropped), its prompts to a multiple of ``length_multiple`` tokens and its image
     slots to the most images any example has, so a whole evaluation compiles a few programs.
+    ``preprocessing`` prepares the images as in training (see ``generate.prompt_batch``).
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -103,6 +106,7 @@ def evaluate_vqa(
             zero_images=zero_images,
             length_multiple=length_multiple,
             num_slots=num_slots,
+            preprocessing=preprocessing,
         )[:real]
     accuracy, per_type = score(examples, predictions)
     return VQAResult(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mllm_jax.data.builders import SampleSource
-from mllm_jax.data.images import ImagePreprocessing
+from mllm_jax.data.images import ImagePreprocessing, ImageProcessor
 from mllm_jax.data.packing import PackingSpec
 from mllm_jax.data.pipeline import (
     BatchStream,
@@ -91,19 +91,21 @@ def make_stream(
     spec: PackingSpec,
     options: PipelineOptions,
     text_only: bool = False,
+    preprocessing: ImageProcessor | None = None,
 ) -> BatchStream:
     """An endless, resumable stream of packed batches drawn from ``sources`` by ``weights``.
 
     Each process reads its own shard (``jax.process_index()``) and yields its share of the
     global batch (``options.batch_size`` is per process). ``text_only`` drops the image fields
-    (for a text decoder; the sources must then hold no images).
+    (for a text decoder; the sources must then hold no images). ``preprocessing`` prepares the
+    images (default: resized to ``spec.image_size``, normalised with mean 0.5, std 0.5).
     """
     processor = SampleProcessor(
         ToSampleBySource([s.to_sample for s in sources]),
         tokenizer,
         template=template,
         spec=spec,
-        preprocessing=ImagePreprocessing(size=spec.image_size),
+        preprocessing=preprocessing or ImagePreprocessing(size=spec.image_size),
         system_prompt=system_prompt,
     )
     dataset = make_mixed_packed_dataset(
