@@ -34,7 +34,6 @@ flags.DEFINE_string("split", "test", "Split to answer.")
 flags.DEFINE_integer("limit", 2000, "Answer the first LIMIT questions of the split (0: all).")
 flags.DEFINE_enum("question_type", "yes_no", EASY_VQA_TYPES, "Which questions to answer.")
 flags.DEFINE_integer("batch_size", 64, "Questions per generation batch.")
-flags.mark_flag_as_required("saved_model")
 
 _CONTENT_WORDS = frozenset(a for a in ANSWERS if a not in ("yes", "no"))
 
@@ -69,6 +68,10 @@ def format_table(said: dict[tuple[str, str], collections.Counter]) -> str:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Checked here, not with mark_flag_as_required: a validator registered at import would
+    # fire in every process that imports this module (the tests) on any later flag parse.
+    if not FLAGS.saved_model:
+        raise app.UsageError("--saved_model is required")
     source = builders.load_samples("easy_vqa", FLAGS.data_dir, FLAGS.split)
     count = len(source.records) if FLAGS.limit == 0 else min(FLAGS.limit, len(source.records))
     records = [source.records[i] for i in range(count)]
