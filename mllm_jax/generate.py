@@ -14,7 +14,7 @@ sampling, until EOS or the template's end-of-turn token.
 from __future__ import annotations
 
 import functools
-import json
+import logging
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -32,6 +32,7 @@ from mllm_jax.data.sample import IMAGE_PLACEHOLDER, BadRecordError, Sample, Turn
 from mllm_jax.data.templates import V1_SYSTEM_PROMPT, prompt_for_generation
 from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.imported_llava import load_imported_llava
+from mllm_jax.json_files import read_json
 from mllm_jax.models.decoder_lm import DecoderLM
 from mllm_jax.models.generation import generate
 from mllm_jax.models.multimodal_lm import MultimodalConfig, MultimodalLM
@@ -134,14 +135,25 @@ def prompt_batch(
     return arrays
 
 
-def _check_context(prompt_lengths: np.ndarray, max_new_tokens: int, context_length: int) -> None:
+def _check_context(
+    prompt_lengths: np.ndarray, max_new_tokens: int, context_length: int, *, strict: bool = True
+) -> None:
+    """A ValueError (``strict``) or a warning naming a question whose prompt plus answer
+    exceeds ``context_length``."""
     for index, length in enumerate(prompt_lengths):
-        if length + max_new_tokens > context_length:
-            raise ValueError(
-                f"question[{index}]: a prompt of {length} tokens (image tokens included) plus "
-                f"max_new_tokens={max_new_tokens} is {length + max_new_tokens} tokens, more than "
-                f"the model's context of {context_length}"
-            )
+        if length + max_new_tokens <= context_length:
+            continue
+        problem = (
+            f"question[{index}]: a prompt of {length} tokens (image tokens included) plus "
+            f"max_new_tokens={max_new_tokens} is {length + max_new_tokens} tokens, more than "
+        )
+        if strict:
+            raise ValueError(problem + f"the model's context of {context_length}")
+        logging.warning(
+            "%sthe %d tokens the model was trained on; its answer may degrade",
+            problem,
+            context_length,
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -172,11 +184,14 @@ def answer_questions(
     preprocessing: ImagePreprocessing | HFImageProcessor | None = None,
     stop_ids: Sequence[int] | None = None,
     context_length: int | None = None,
+    trained_length: int | None = None,
 ) -> list[str]:
     """One answer per question; ``images[i]`` are the encoded images question i refers to.
 
     Prompts and images as ``prompt_batch``; ``zero_images`` is the vision-blind control. An
     answer ends at any of ``stop_ids`` (default: the tokenizer's EOS), which it leaves out.
+    A prompt whose length plus ``max_new_tokens`` exceeds ``trained_length`` (the longest
+    sequence the model was trained on, when given) is answered with a warning.
 
     Raises:
       ValueError: among others, a prompt whose length plus ``max_new_tokens`` exceeds
@@ -191,6 +206,8 @@ def answer_questions(
     )  # fmt: skip
     if context_length is not None:
         _check_context(arrays["mask"].sum(axis=1), max_new_tokens, context_length)
+    if trained_length is not None:
+        _check_context(arrays["mask"].sum(axis=1), max_new_tokens, trained_length, strict=False)
     stop_ids = (tokenizer.eos_id,) if stop_ids is None else tuple(stop_ids)
     tokens, mask = jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["mask"])
     image_array, image_mask = arrays["images"], arrays["image_mask"]
@@ -229,16 +246,17 @@ def answer_questions(
 
 
 PROMPT_FILE = "prompt.json"
-"""Saved-model file: {"template": ..., "system_prompt": ...} the model was trained with."""
+"""Saved-model file: {"template": ..., "system_prompt": ..., "trained_length": ...} the model
+was trained with (``trained_length``, the longest training sequence, may be absent)."""
 
 
-def saved_prompt(model_dir: str | pathlib.Path) -> dict[str, str]:
+def saved_prompt(model_dir: str | pathlib.Path) -> dict[str, Any]:
     """The template and system prompt a saved model was trained with (``PROMPT_FILE``); the
     ``v1`` template with its default system prompt for a model saved without one."""
     prompt = {"template": "v1", "system_prompt": V1_SYSTEM_PROMPT}
     prompt_file = pathlib.Path(model_dir) / PROMPT_FILE
     if prompt_file.exists():
-        prompt |= json.loads(prompt_file.read_text())
+        prompt |= read_json(prompt_file)
     return prompt
 
 
@@ -270,14 +288,20 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--hf_dir weights and compute.")
 
 
+def _check_image_path(path: str) -> None:
+    if pathlib.Path(path).is_dir():
+        raise app.UsageError(f"--image {path!r} is a directory; give an image file")
+    if not pathlib.Path(path).is_file():
+        raise app.UsageError(f"--image {path!r} does not exist")
+
+
 def _read_images(
     paths: Sequence[str], preprocessing: ImagePreprocessing | HFImageProcessor
 ) -> list[bytes]:
     """The encoded images, each checked to decode (UsageError naming the file otherwise)."""
     encoded = []
     for path in paths:
-        if not pathlib.Path(path).is_file():
-            raise app.UsageError(f"--image {path!r} does not exist")
+        _check_image_path(path)
         encoded.append(pathlib.Path(path).read_bytes())
         try:
             preprocessing(encoded[-1], path, "--image")
@@ -296,6 +320,14 @@ def _answer(argv: Sequence[str]) -> str:
         )
     if FLAGS.question is None or not FLAGS.question.strip():
         raise app.UsageError("--question is required and must not be empty")
+    if FLAGS.max_new_tokens < 1:
+        raise app.UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 1")
+    if FLAGS.temperature < 0:
+        raise app.UsageError(f"--temperature={FLAGS.temperature} must be >= 0 (0: greedy)")
+    if not 0 < FLAGS.top_p <= 1:
+        raise app.UsageError(f"--top_p={FLAGS.top_p} must be in (0, 1]")
+    for path in FLAGS.image:  # before a model, possibly large, is loaded
+        _check_image_path(path)
     sampling = dict(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
         seed=FLAGS.seed,
@@ -323,7 +355,7 @@ def _answer(argv: Sequence[str]) -> str:
     (answer,) = answer_questions(
         config, params, load_tokenizer(tokenizer_path), [encoded], [FLAGS.question],
         template=prompt["template"], system_prompt=prompt["system_prompt"],
-        preprocessing=preprocessing, **sampling,
+        preprocessing=preprocessing, trained_length=prompt.get("trained_length"), **sampling,
     )  # fmt: skip
     return answer
 

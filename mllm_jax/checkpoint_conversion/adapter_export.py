@@ -40,6 +40,7 @@ from flax import traverse_util
 from mllm_jax.checkpoint_conversion.export_tensors import _undo_view
 from mllm_jax.checkpoint_conversion.safetensors_files import SafetensorsDirectory
 from mllm_jax.checkpoint_conversion.sharded_load import Source, TensorView
+from mllm_jax.json_files import read_json
 from mllm_jax.layers.lora import DUAL_LORA_NORM_EPSILON, PROJECTION_NAMES, AdapterConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -233,7 +234,7 @@ def read_dual_lora(
         no adapted projection in the model, or the reverse.
     """
     directory = pathlib.Path(directory)
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    config = read_json(directory / ADAPTER_CONFIG)
     if config.get("adapter_type") != "dual_lora":
         raise ValueError(f"{directory / ADAPTER_CONFIG}: adapter_type is not 'dual_lora'")
     if config.get("format_version") != DUAL_LORA_FORMAT_VERSION:

@@ -1,6 +1,7 @@
 """A Hugging Face CLIP / SigLIP image processor, run as a checkpoint's config says (numpy + PIL).
 
-  decode -> RGB (transparency composited onto white) -> resize (PIL, ``resample``)
+  decode -> RGB (``images.to_rgb``: transparency composited onto white, 16-bit scaled)
+         -> resize (PIL, ``resample``)
          -> center crop (zero-padded where the image is smaller) -> x * rescale_factor
          -> (x - image_mean) / image_std                      -> [H, W, 3] float32
 
@@ -27,7 +28,6 @@ a ``do_pad`` that is set, or a value of the wrong kind is a ValueError naming th
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import pathlib
@@ -35,8 +35,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from mllm_jax.data.images import UnsupportedImageMode, open_image, to_rgb
 from mllm_jax.data.sample import BadRecordError
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -120,10 +121,7 @@ def _rgb(image: Image.Image, convert: bool, name: str) -> Image.Image:
                 f"{name}: image mode {image.mode!r} is not RGB and do_convert_rgb=false"
             )
         return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+    return to_rgb(image, name)
 
 
 def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -263,9 +261,8 @@ class HFImageProcessor:
 
     def __call__(self, encoded: bytes, record_id: str, field: str) -> np.ndarray:
         """Encoded image bytes -> [H, W, 3] float32; BadRecordError if they do not decode."""
+        image = open_image(encoded, record_id, field)
         try:
-            with Image.open(io.BytesIO(encoded)) as image:
-                image.load()
-                return self.preprocess(image, f"record {record_id!r}, field {field!r}")
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-            raise BadRecordError(record_id, field, f"cannot decode image: {err}") from err
+            return self.preprocess(image, f"record {record_id!r}, field {field!r}")
+        except UnsupportedImageMode as err:
+            raise BadRecordError(record_id, field, err.problem) from err

@@ -29,6 +29,7 @@ from rich.progress import track
 from mllm_jax.data.paired_datasets import ImageTextPairs
 from mllm_jax.data.sample import BadRecordError
 from mllm_jax.encoders import ImageEncoder, TextEncoder
+from mllm_jax.json_files import read_json
 
 META_FILE = "meta.json"
 
@@ -165,7 +166,7 @@ def open_latent_cache(directory: str | pathlib.Path) -> LatentCache:
     meta_path = directory / META_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"{directory}: no {META_FILE}; write the cache first")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     paths = [directory / shard for shard in meta["shards"]]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:

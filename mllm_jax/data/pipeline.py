@@ -8,7 +8,13 @@
 Deterministic given the seed; ``get_state``/``set_state`` restore the exact position, so a
 resumed run sees the batches an uninterrupted one would. Bad records raise ``BadRecordError``
 (naming the record and field) or, with ``on_bad_record="skip"``, are dropped, logged, counted in
-every batch's ``num_skipped`` and summed by ``BatchStream``.
+every batch's ``num_skipped`` and summed by ``BatchStream``. Nothing is lost silently:
+
+  - skips after the last sample of a finite stream travel in a row with no sample, and the last
+    partial batch of a finite stream is dropped by ``BatchStream`` only after counting its skips
+    and its samples (logged, and in ``BatchStream.report()``);
+  - more bad records in a row than one pass over the data holds means that nothing usable is
+    left: an error (``NoUsableRecordsError``), not an endless search for a good record.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from mllm_jax.data.packing import PackableSample, PackingSpec, RowBuilder, check
 from mllm_jax.data.sample import BadRecordError, Sample
 from mllm_jax.data.templates import tokenize_sample
 from mllm_jax.data.tokenizer_protocol import TextTokenizer
+
+
+class NoUsableRecordsError(ValueError):
+    """Every record of a whole pass over the data was bad and skipped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +114,24 @@ def random_horizontal_flip(element: Any, rng: np.random.Generator) -> Any:
 
 
 class PackIterDataset(grain.IterDataset):
-    """Packs a stream of PackableSamples (and SkippedRecords) into contract rows."""
+    """Packs a stream of PackableSamples (and SkippedRecords) into contract rows.
 
-    def __init__(self, parent: grain.IterDataset, spec: PackingSpec):
+    ``max_consecutive_skips``: raise NoUsableRecordsError when more SkippedRecords than this
+    come in a row (one pass over the data: none is usable); None: no limit.
+    """
+
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        spec: PackingSpec,
+        max_consecutive_skips: int | None = None,
+    ):
         super().__init__(parent)
         self._spec = spec
+        self._max_consecutive_skips = max_consecutive_skips
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._spec)
+        return _PackIterator(self._parent.__iter__(), self._spec, self._max_consecutive_skips)
 
     def __str__(self) -> str:
         return f"PackIterDataset(seq_len={self._spec.seq_len}, slots={self._spec.max_images})"
@@ -121,14 +141,33 @@ class _PackIterator(grain.DatasetIterator):
     """Next-fit packing whose state is the parent's state before the next row's first sample.
 
     A sample that did not fit the previous row is held as ``pending``; restoring re-reads it
-    from the parent, so no array ever has to be stored in the (JSON) state.
+    from the parent, so no array ever has to be stored in the (JSON) state. When the parent
+    ends with skipped records and no sample, they come out in a row with no sample.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, spec: PackingSpec):
+    def __init__(
+        self,
+        parent: grain.DatasetIterator,
+        spec: PackingSpec,
+        max_consecutive_skips: int | None = None,
+    ):
         super().__init__(parent)
         self._spec = spec
+        self._max_consecutive_skips = max_consecutive_skips
+        self._consecutive_skips = 0
         self._pending: PackableSample | None = None
         self._row_start_state = parent.get_state()
+
+    def _count_skip(self, element: SkippedRecord) -> None:
+        self._consecutive_skips += 1
+        limit = self._max_consecutive_skips
+        if limit is not None and self._consecutive_skips > limit:
+            raise NoUsableRecordsError(
+                f"{self._consecutive_skips} bad records in a row were skipped, more than the "
+                f"{limit} one pass over this process's data holds: none is usable (the last: "
+                f"record {element.id!r}, field {element.field!r}: {element.problem}); fix the "
+                "data, or set on_bad_record='raise' to stop at the first bad record"
+            )
 
     def __next__(self) -> dict[str, np.ndarray]:
         builder = RowBuilder(self._spec)
@@ -141,13 +180,15 @@ class _PackIterator(grain.DatasetIterator):
             try:
                 element = next(self._parent)
             except StopIteration:
-                if not builder.samples:
+                if not builder.samples and not skipped:
                     raise
                 self._row_start_state = self._parent.get_state()
                 break
             if isinstance(element, SkippedRecord):
                 skipped += 1
+                self._count_skip(element)
                 continue
+            self._consecutive_skips = 0
             if builder.fits(element):
                 builder.add(element)
                 continue
@@ -196,11 +237,12 @@ def make_packed_dataset(
 ) -> grain.IterDataset:
     """Builds the Grain pipeline over random-access ``records`` (e.g. ``tfds.data_source``)."""
     dataset = grain.MapDataset.source(records)[process_index::process_count]
+    records_per_pass = len(dataset)
     if options.shuffle:
         dataset = dataset.shuffle(seed=options.seed)
     if options.num_epochs != 1:
         dataset = dataset.repeat(options.num_epochs)
-    return _process_pack_batch(dataset, processor, options)
+    return _process_pack_batch(dataset, processor, options, records_per_pass)
 
 
 class TaggedRecord:
@@ -247,16 +289,33 @@ def make_mixed_packed_dataset(
     if options.num_epochs is not None:
         raise ValueError("a mixture repeats its sources forever: set num_epochs=None")
     parts = []
+    records_per_pass = 0
     for k, records in enumerate(sources):
         part = grain.MapDataset.source(records)[process_index::process_count]
+        records_per_pass += len(part)
         if options.shuffle:
             part = part.shuffle(seed=options.seed + k)
         parts.append(part.repeat(None).map(TaggedRecord(k)))
-    return _process_pack_batch(grain.MapDataset.mix(parts, weights), processor, options)
+    mixture = grain.MapDataset.mix(parts, weights)
+    return _process_pack_batch(mixture, processor, options, records_per_pass)
+
+
+class _FlagPartialBatch:
+    """Marks a batch with fewer rows than ``batch_size`` (the end of a finite stream)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch["partial"] = np.bool_(len(batch["num_skipped"]) < self.batch_size)
+        return batch
 
 
 def _process_pack_batch(
-    dataset: grain.MapDataset, processor: SampleProcessor, options: PipelineOptions
+    dataset: grain.MapDataset,
+    processor: SampleProcessor,
+    options: PipelineOptions,
+    records_per_pass: int,
 ) -> grain.IterDataset:
     dataset = dataset.map(processor)
     if options.augment:
@@ -264,8 +323,12 @@ def _process_pack_batch(
     read_options = grain.ReadOptions(
         num_threads=options.read_threads, prefetch_buffer_size=options.read_buffer_size
     )
-    packed = PackIterDataset(dataset.to_iter_dataset(read_options), processor.spec)
-    packed = packed.batch(options.batch_size, drop_remainder=True)
+    packed = PackIterDataset(
+        dataset.to_iter_dataset(read_options), processor.spec, max(records_per_pass, 1)
+    )
+    # BatchStream drops a partial batch after counting what it holds (see the module docstring).
+    packed = packed.batch(options.batch_size, drop_remainder=False)
+    packed = packed.map(_FlagPartialBatch(options.batch_size))
     if options.worker_count:
         packed = packed.mp_prefetch(
             grain.MultiprocessingOptions(
@@ -281,37 +344,59 @@ def _process_pack_batch(
 
 
 class BatchStream:
-    """Iterator over contract batches that tallies skipped records and reports them at the end."""
+    """Iterator over contract batches that tallies skipped records and reports them at the end.
+
+    A partial batch (the end of a finite stream) or one without a sample is not yielded: its
+    skipped records are counted, and its samples counted and logged as dropped.
+    """
 
     def __init__(self, dataset: grain.IterDataset):
         self._iterator = iter(dataset)
         self.num_skipped = 0
         self.num_batches = 0
+        self.num_dropped_samples = 0
 
     def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            logging.info("pipeline finished: %s", self.report())
-            raise
-        self.num_skipped += int(np.sum(batch.pop("num_skipped")))
-        self.num_batches += 1
-        return batch
+        while True:
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                logging.info("pipeline finished: %s", self.report())
+                raise
+            self.num_skipped += int(np.sum(batch.pop("num_skipped")))
+            partial = bool(batch.pop("partial", False))
+            samples = int(np.asarray(batch["segment_ids"]).max(axis=1).sum())
+            if partial or not samples:
+                if samples:
+                    self.num_dropped_samples += samples
+                    logging.warning(
+                        "dropping the last, partial batch of a finite stream: %d rows, %d samples",
+                        len(batch["segment_ids"]),
+                        samples,
+                    )
+                continue
+            self.num_batches += 1
+            return batch
 
     def report(self) -> str:
-        return f"{self.num_batches} batches, {self.num_skipped} bad records skipped"
+        report = f"{self.num_batches} batches, {self.num_skipped} bad records skipped"
+        if self.num_dropped_samples:
+            report += f", {self.num_dropped_samples} samples dropped in a last partial batch"
+        return report
 
     def get_state(self) -> dict:
         return {
             "iterator": self._iterator.get_state(),
             "num_skipped": self.num_skipped,
             "num_batches": self.num_batches,
+            "num_dropped_samples": self.num_dropped_samples,
         }
 
     def set_state(self, state: dict) -> None:
         self._iterator.set_state(state["iterator"])
         self.num_skipped = state["num_skipped"]
         self.num_batches = state["num_batches"]
+        self.num_dropped_samples = state.get("num_dropped_samples", 0)

@@ -14,7 +14,8 @@ Roles:
                  supervised unless ``supervised=False``.
 
 Every ``<image>`` placeholder in the turns' text refers to the next image of ``images``; the
-counts must match (``validate_sample``).
+counts must match, and no assistant turn may hold one: a model answers in text
+(``validate_sample``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class Sample:
 
 
 def validate_sample(sample: Sample) -> None:
-    """Raises BadRecordError if roles are unknown, a turn is empty or image counts mismatch."""
+    """Raises BadRecordError if roles are unknown, a turn is empty, an assistant turn holds an
+    ``<image>`` or image counts mismatch."""
     if not sample.turns:
         raise BadRecordError(sample.id, "turns", "the sample has no turns")
     for i, turn in enumerate(sample.turns):
@@ -61,6 +63,13 @@ def validate_sample(sample: Sample) -> None:
             raise BadRecordError(sample.id, f"turns[{i}].role", f"unknown role {turn.role!r}")
         if not turn.text.strip():
             raise BadRecordError(sample.id, f"turns[{i}].text", f"empty {turn.role} turn")
+        if turn.role == "assistant" and IMAGE_PLACEHOLDER in turn.text:
+            raise BadRecordError(
+                sample.id,
+                f"turns[{i}].text",
+                f"an assistant turn holds {IMAGE_PLACEHOLDER}: a model answers in text, so "
+                "move the image into the user turn before it",
+            )
     placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in sample.turns)
     if placeholders != len(sample.images):
         raise BadRecordError(

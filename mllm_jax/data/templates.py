@@ -26,7 +26,7 @@ import numpy as np
 
 from mllm_jax.data.chat_templates import CHAT_TEMPLATES, CHATML_SYSTEM_PROMPT, render_chat
 from mllm_jax.data.piecewise_templates import PIECEWISE_TEMPLATES, render_piecewise
-from mllm_jax.data.sample import IMAGE_PLACEHOLDER, BadRecordError, Sample, Turn, validate_sample
+from mllm_jax.data.sample import BadRecordError, Sample, Turn, validate_sample
 from mllm_jax.data.tokenizer_protocol import ChatTokenizer, TextTokenizer
 
 TEMPLATES = PIECEWISE_TEMPLATES + CHAT_TEMPLATES
@@ -95,12 +95,8 @@ def _build(
     )
 
 
-def _check_sample(sample: Sample, template: str, tokens_per_image: int) -> None:
-    """Raises ValueError for bad arguments and BadRecordError for a sample no template fits."""
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
-    if tokens_per_image < 1:
-        raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
+def _check_turns(sample: Sample) -> None:
+    """The turn rules every template shares (``validate_sample``, answers, system turns)."""
     for i, turn in enumerate(sample.turns):
         if turn.role == "assistant" and not turn.text.strip():
             raise BadRecordError(
@@ -108,22 +104,56 @@ def _check_sample(sample: Sample, template: str, tokens_per_image: int) -> None:
             )
     validate_sample(sample)
     for i, turn in enumerate(sample.turns):
-        if turn.role == "text" and template in _NO_TEXT_TURNS:
-            raise BadRecordError(
-                sample.id, f"turns[{i}].role", f"the {template} template has no raw text turns"
-            )
         if turn.role != "system":
             continue
         if i > 0:
             raise BadRecordError(sample.id, f"turns[{i}].role", "a system turn must come first")
-        if template == "plain":
-            raise BadRecordError(
-                sample.id, f"turns[{i}].role", "the plain template has no system prompt"
-            )
         if turn.supervised:
             raise BadRecordError(
                 sample.id, f"turns[{i}].supervised", "system turns are never supervised"
             )
+
+
+def _check_sample(sample: Sample, template: str, tokens_per_image: int) -> None:
+    """Raises ValueError for bad arguments and BadRecordError for a sample no template fits."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+    if tokens_per_image < 1:
+        raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
+    _check_turns(sample)
+    for i, turn in enumerate(sample.turns):
+        if turn.role == "text" and template in _NO_TEXT_TURNS:
+            raise BadRecordError(
+                sample.id, f"turns[{i}].role", f"the {template} template has no raw text turns"
+            )
+        if turn.role == "system" and template == "plain":
+            raise BadRecordError(
+                sample.id, f"turns[{i}].role", "the plain template has no system prompt"
+            )
+
+
+def _check_answered(sample: Sample) -> None:
+    last = len(sample.turns) - 1
+    if sample.turns[last].role == "user" and not sample.turns[last].is_supervised:
+        raise BadRecordError(
+            sample.id,
+            f"turns[{last}]",
+            "the sample ends with a user turn: a question with no answer",
+        )
+
+
+def check_trainable(sample: Sample) -> None:
+    """Raises BadRecordError (naming the sample id and field) for a sample that no template can
+    train on: the rules of ``tokenize_sample`` that need no tokenizer (``validate_sample``, an
+    empty answer, a misplaced or supervised system turn, a sample ending in an unanswered
+    question, no supervised turn). Dataset builders run it when the data is made."""
+    _check_turns(sample)
+    _check_answered(sample)
+    if not any(turn.is_supervised for turn in sample.turns):
+        roles = [turn.role for turn in sample.turns]
+        raise BadRecordError(
+            sample.id, "turns", f"no supervised turn among {roles}: nothing to train on"
+        )
 
 
 def tokenize_sample(
@@ -143,13 +173,7 @@ def tokenize_sample(
     ``max_length`` tokens; ValueError for an unknown template or a tokenizer it cannot use.
     """
     _check_sample(sample, template, tokens_per_image)
-    last = len(sample.turns) - 1
-    if sample.turns[last].role == "user" and not sample.turns[last].is_supervised:
-        raise BadRecordError(
-            sample.id,
-            f"turns[{last}]",
-            "the sample ends with a user turn: a question with no answer",
-        )
+    _check_answered(sample)
     ids, flags = _build(
         sample,
         sample.turns,
@@ -199,12 +223,6 @@ def prompt_for_generation(
     _check_sample(sample, template, tokens_per_image)
     turns = sample.turns
     if turns[-1].role == "assistant":
-        if IMAGE_PLACEHOLDER in turns[-1].text:
-            raise BadRecordError(
-                sample.id,
-                f"turns[{len(turns) - 1}].text",
-                f"the final answer, dropped for generation, holds an {IMAGE_PLACEHOLDER}",
-            )
         turns = turns[:-1]
     ids, _ = _build(
         sample,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 from flax import traverse_util
 
 from mllm_jax.encoders import pretrained_files
+from mllm_jax.json_files import read_json
 from mllm_jax.layers.norms import LayerNorm
 from mllm_jax.layers.projectors import Linear
 from mllm_jax.optional_packages import import_optional
@@ -50,7 +50,7 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: pathlib.Path) -> BertConfig:
-        raw = json.loads(path.read_text())
+        raw = read_json(path)
         if raw.get("hidden_act") != "gelu" or raw.get("position_embedding_type") != "absolute":
             raise ValueError(f"{path}: only GELU BERT with absolute positions is supported")
         return cls(

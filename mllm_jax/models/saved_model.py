@@ -32,6 +32,7 @@ from mllm_jax.data.hf_image_processor import PREPROCESSOR_CONFIG, HFImageProcess
 from mllm_jax.data.hf_tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_JSON, HFTokenizer
 from mllm_jax.data.images import ImagePreprocessing, ImageProcessor
 from mllm_jax.data.tokenizer import Tokenizer
+from mllm_jax.json_files import read_json
 from mllm_jax.models.multimodal_lm import MultimodalConfig
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -143,7 +144,7 @@ def load_model(directory: str | pathlib.Path) -> tuple[MultimodalConfig, Any, st
             f"{directory} is not a saved model: neither {TOKENIZER_FILE} nor {TOKENIZER_DIR}/ "
             "is there"
         )
-    config = config_from_dict(json.loads((directory / "config.json").read_text()))
+    config = config_from_dict(read_json(directory / "config.json"))
     params = ocp.StandardCheckpointer().restore(directory / "params")
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return config, params, str(present[0])

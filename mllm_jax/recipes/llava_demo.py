@@ -25,6 +25,7 @@ from mllm_jax.data.tokenizer import train_tokenizer
 from mllm_jax.generate import PROMPT_FILE
 from mllm_jax.models.saved_model import save_model
 from mllm_jax.recipes import llava_data, llava_hf_base, llava_models, llava_stage_dirs, llava_stages
+from mllm_jax.recipes.llava_stage_config import check_stage_section
 from mllm_jax.train import evaluate_vqa
 from mllm_jax.train.param_groups import group_of, tree_bytes
 from mllm_jax.train.summary_table import format_key_values, format_table
@@ -103,7 +104,13 @@ def evaluate(config: Any, workdir: pathlib.Path, started: float) -> dict:
     )  # fmt: skip
     template = llava_hf_base.chat_template(config)
     (model_dir / PROMPT_FILE).write_text(
-        json.dumps({"template": template, "system_prompt": config.data.system_prompt})
+        json.dumps(
+            {
+                "template": template,
+                "system_prompt": config.data.system_prompt,
+                "trained_length": config.stage2.seq_len,
+            }
+        )
     )
     latest = max(int(p.name) for p in (stage2_dir / "checkpoints").iterdir() if p.name.isdigit())
     trainable_dir = stage2_dir / "checkpoints" / str(latest) / "trainable"
@@ -207,6 +214,26 @@ def _print_report(results: dict, test: list, result, workdir: pathlib.Path) -> N
     )
 
 
+def _check_stage_sections(config: Any, stages: tuple[str, ...], reused: Any) -> None:
+    """Checks the config section of every stage this run may train, before any compiles."""
+    imported = llava_hf_base.hf_dir(config) is not None
+    trained = [
+        stage
+        for stage in stages
+        if stage in TRAINING_STAGES
+        and stage not in reused
+        and not (imported and stage in IMPORTED_STAGES)
+    ]
+    if not trained:
+        return
+    mesh, rules = llava_stages.mesh_and_rules(config)
+    tokens_per_image = llava_models.multimodal_config(config, with_adapter=False).tokens_per_image
+    for stage in trained:
+        check_stage_section(
+            config, stage, mesh=mesh, rules=rules, tokens_per_image=tokens_per_image
+        )
+
+
 def run(config: Any, workdir: str | pathlib.Path) -> dict | None:
     """Runs ``config.stage`` ("all" or one stage) in ``workdir``; the results if evaluated."""
     started = float(os.environ.get(WALL_START_ENV, time.time()))
@@ -224,6 +251,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict | None:
             "(config.reuse_stages), so it is not trained in this workdir"
         )
     llava_stage_dirs.check_reused_stages(config)
+    _check_stage_sections(config, stages, reused)
     for stage in stages:
         stage_started = time.perf_counter()
         if stage == "prepare":

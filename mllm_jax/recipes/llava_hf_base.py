@@ -25,7 +25,6 @@ before anything is compiled, naming ``model.init_from``.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 from typing import Any
@@ -46,6 +45,7 @@ from mllm_jax.data.hf_image_processor import (
     HFImageProcessor,
 )
 from mllm_jax.data.hf_tokenizer import HFTokenizer
+from mllm_jax.json_files import read_json
 from mllm_jax.sharding import LogicalRules
 
 PREFIX = "hf:"
@@ -130,7 +130,7 @@ def image_processor_config(config: Any) -> dict[str, Any]:
     for name, key in ((PREPROCESSOR_CONFIG, None), (PROCESSOR_CONFIG, "image_processor")):
         path = directory / name
         if path.is_file():
-            content = json.loads(path.read_text())
+            content = read_json(path)
             if key is None:
                 return content
             if key in content:

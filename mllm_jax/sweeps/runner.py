@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 from absl import flags
 
+from mllm_jax.json_files import read_json
 from mllm_jax.sweeps.definition import Sweep
 from mllm_jax.sweeps.overrides import (
     apply_overrides,
@@ -94,7 +95,7 @@ def plan_sweep(
 def read_record(directory: pathlib.Path) -> dict | None:
     """The point's ``sweep_point.json``, or None when it has none."""
     path = directory / RECORD_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def point_status(directory: pathlib.Path) -> str:

@@ -12,23 +12,29 @@ The frozen base weights are written once per run by ``save_base_params`` and ref
 
 Atomicity is Orbax's: a step is written into a temporary directory and renamed to its final name
 only after every item (and every host) has finished, so a save interrupted by preemption leaves
-no half checkpoint that ``latest_step`` or ``restore`` could see.
+no half checkpoint that ``latest_step`` or ``restore`` could see. A step damaged after it was
+written (a file emptied or overwritten, an item deleted) is what ``restore_latest_good`` is
+for: it falls back to the newest step that restores, naming what was wrong with the others.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from mllm_jax.layers.lora import AdapterConfig
 
 REQUIRED_METADATA_KEYS: tuple[str, ...] = ("config", "adapter", "base_params_path")
+ITEMS: tuple[str, ...] = ("trainable", "opt_state", "data", "metadata")
 
 
 def checkpoint_metadata(
@@ -56,6 +62,22 @@ def read_metadata(step_dir: str | pathlib.Path) -> dict:
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
 
 
+@dataclasses.dataclass(frozen=True)
+class RestoredCheckpoint:
+    """What ``TrainingCheckpointer.restore_latest_good`` read, and from which step."""
+
+    step: int
+    trainable: Any
+    opt_state: Any
+    data_state: dict
+    metadata: dict
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+
+
 class TrainingCheckpointer:
     """Saves and restores training checkpoints under ``directory/<step>/``.
 
@@ -74,7 +96,7 @@ class TrainingCheckpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_names=("trainable", "opt_state", "data", "metadata"),
+            item_names=ITEMS,
         )
 
     def save(
@@ -137,6 +159,89 @@ class TrainingCheckpointer:
         )
         return restored["trainable"], restored["opt_state"], restored["data"], restored["metadata"]
 
+    def restore_latest_good(
+        self,
+        *,
+        abstract_trainable: Any,
+        abstract_opt_state: Any,
+        check: Callable[[RestoredCheckpoint], None] | None = None,
+    ) -> RestoredCheckpoint | None:
+        """The newest step that restores in full, trying the committed steps newest first;
+        None when there is none.
+
+        A step that fails to restore (a file emptied, truncated or overwritten, an item
+        deleted), or whose restored content ``check`` rejects by raising (e.g. the data
+        iterator refusing its saved state), is logged with what was wrong. Once an older step
+        restores, each newer one that failed is moved aside to ``<directory>/unusable-<step>``
+        (kept for inspection), so the run can save that step again.
+
+        Raises:
+          RuntimeError: every step fails (nothing is moved), naming each step and its problem.
+            The cause is then rarely damage: typically a model or optimizer that differs from
+            the one that saved (e.g. a changed config in the same workdir).
+        """
+        failed: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                missing = [
+                    item for item in ITEMS if not (self.directory / str(step) / item).is_dir()
+                ]
+                if missing:
+                    raise FileNotFoundError(f"its item(s) {missing} are missing")
+                restored = RestoredCheckpoint(
+                    step,
+                    *self.restore(
+                        step,
+                        abstract_trainable=abstract_trainable,
+                        abstract_opt_state=abstract_opt_state,
+                    ),
+                )
+                if check is not None:
+                    check(restored)
+            # Orbax, TensorStore and JSON raise many kinds for damaged files; each is reported.
+            except Exception as err:  # noqa: BLE001
+                failed.append((step, _first_line(err)))
+                logging.warning(
+                    "checkpoint step %d in %s cannot be restored (%s); trying an older step",
+                    step,
+                    self.directory,
+                    failed[-1][1],
+                )
+                continue
+            if failed:
+                self._move_aside([bad for bad, _ in failed])
+                logging.warning(
+                    "restored step %d in %s instead of the newest, unusable step(s) %s; they "
+                    "were moved to %s/unusable-<step>",
+                    step,
+                    self.directory,
+                    [bad for bad, _ in failed],
+                    self.directory,
+                )
+            return restored
+        if failed:
+            problems = "; ".join(f"step {bad}: {problem}" for bad, problem in failed)
+            raise RuntimeError(
+                f"no checkpoint under {self.directory} can be restored ({problems}). If the "
+                "model, its trainable params or the optimizer changed since they were saved, "
+                "train in a new workdir; if the files are damaged, move the directory away to "
+                "start over"
+            )
+        return None
+
+    def _move_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self.directory / f"unusable-{step}"
+                suffix = 0
+                while target.exists():
+                    suffix += 1
+                    target = self.directory / f"unusable-{step}-{suffix}"
+                (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("mllm_jax checkpoint moved aside")
+        self._manager.reload()
+
     def wait_until_finished(self) -> None:
         """Blocks until a pending asynchronous save has been committed."""
         self._manager.wait_until_finished()
@@ -150,6 +255,20 @@ class TrainingCheckpointer:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _params_metadata(path: pathlib.Path, what: str) -> Any:
+    """The Orbax metadata tree of the params checkpoint at ``path``; FileNotFoundError or
+    ValueError naming ``what`` and ``path`` when it is missing or unreadable."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} {path} is missing")
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(path)
+    except Exception as err:  # noqa: BLE001 - Orbax raises many kinds for a damaged directory
+        raise ValueError(f"{what} {path} cannot be read ({_first_line(err)})") from err
+    if metadata is None or getattr(metadata, "item_metadata", None) is None:
+        raise ValueError(f"{what} {path} holds no params checkpoint (no Orbax metadata)")
+    return metadata.item_metadata.tree
 
 
 def _shape_table(tree: dict) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -167,7 +286,13 @@ def save_base_params(directory: str | pathlib.Path, frozen_params: dict) -> str:
     """
     path = pathlib.Path(directory).absolute()
     if path.exists():
-        on_disk = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+        try:
+            on_disk = _params_metadata(path, "the base params directory")
+        except ValueError as err:
+            raise ValueError(
+                f"{err}; it holds the frozen weights, which a run writes again from its init "
+                "and pretrained weights: delete it and rerun"
+            ) from err
         found, wanted = _shape_table(on_disk), _shape_table(frozen_params)
         differences = [
             f"{k}: on disk {found.get(k)}, given {wanted.get(k)}"
@@ -187,8 +312,14 @@ def save_base_params(directory: str | pathlib.Path, frozen_params: dict) -> str:
 
 
 def load_base_params(path: str | pathlib.Path, abstract: Any) -> Any:
-    """The base weights at ``path``, placed as ``abstract``'s ``ShapeDtypeStruct``s say."""
-    return ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute(), abstract)
+    """The base weights at ``path``, placed as ``abstract``'s ``ShapeDtypeStruct``s say.
+
+    Raises:
+      FileNotFoundError / ValueError: naming ``path`` when it is missing or unreadable.
+    """
+    path = pathlib.Path(path).absolute()
+    _params_metadata(path, "the frozen base params (a checkpoint's base_params_path)")
+    return ocp.StandardCheckpointer().restore(path, abstract)
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
@@ -212,7 +343,7 @@ def read_params(
     path = pathlib.Path(path).absolute()
     checkpointer = ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    flat = traverse_util.flatten_dict(checkpointer.metadata(path).item_metadata.tree, sep="/")
+    flat = traverse_util.flatten_dict(_params_metadata(path, "the params checkpoint"), sep="/")
     abstract = {
         name: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=(shardings or {}).get(name, device))
         for name, m in flat.items()
@@ -247,11 +378,33 @@ def load_trained_params(workdir: str | pathlib.Path) -> dict:
     were frozen) combined with the trainable params of its latest checkpoint.
 
     Raises:
-      FileNotFoundError: naming ``workdir`` when it holds no committed checkpoint.
+      FileNotFoundError: naming ``workdir`` when it holds no committed checkpoint, or its
+        ``base_params/`` when the run froze weights there and the directory is gone.
     """
     workdir = pathlib.Path(workdir).absolute()
     flat = traverse_util.flatten_dict(load_trainable_params(workdir))
     base = workdir / "base_params"
-    if base.exists():
-        flat |= traverse_util.flatten_dict(read_params(base))
+    if base.exists() or _trained_with_base_params(workdir):
+        flat |= traverse_util.flatten_dict(read_params(_checked_base_dir(base, workdir)))
     return traverse_util.unflatten_dict(flat)
+
+
+def _trained_with_base_params(workdir: pathlib.Path) -> bool:
+    """Whether the latest step's metadata says the run froze base weights."""
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+    for step in reversed(steps):
+        try:
+            return bool(read_metadata(workdir / "checkpoints" / str(step))["base_params_path"])
+        except (FileNotFoundError, ValueError, KeyError):
+            continue
+    return False
+
+
+def _checked_base_dir(base: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"{base} is missing, but the run in {workdir} froze base weights there: its "
+            "checkpoints hold the trainable params only. Restore that directory, or rerun the "
+            f"stage in {workdir} (a resumed run writes it again)"
+        )
+    return base

@@ -20,7 +20,12 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from mllm_jax.train.optimizer import make_learning_rate_schedule, matrices_only
+from mllm_jax.train.optimizer import (
+    check_learning_rate,
+    check_optimizer_config,
+    make_learning_rate_schedule,
+    matrices_only,
+)
 from mllm_jax.train.partition import Params, combine_params, partition_params
 
 FROZEN = "frozen"
@@ -47,6 +52,11 @@ class ParamGroup:
         object.__setattr__(self, "patterns", tuple(self.patterns))
         if not self.patterns:
             raise ValueError(f"param group {self.name!r} has no patterns")
+        check_learning_rate(self.learning_rate, f"param group {self.name!r}: learning_rate")
+        if self.weight_decay is not None and not 0 <= self.weight_decay < math.inf:
+            raise ValueError(
+                f"param group {self.name!r}: weight_decay={self.weight_decay!r} must be >= 0"
+            )
         for pattern in self.patterns:
             re.compile(pattern)
 
@@ -148,7 +158,12 @@ def make_grouped_optimizer(
     Every group shares the config's warmup-cosine shape, betas, eps and clipping; its peak
     learning rate is ``group.learning_rate`` and its decay ``group.weight_decay`` (default the
     config's), applied to matrices (ndim >= 2) only. Params selected by no group are frozen.
+
+    Raises:
+      ValueError: naming the ``optimizer.*`` field out of range (``check_optimizer_config``),
+        before anything is compiled.
     """
+    check_optimizer_config(optimizer_config)
     groups = tuple(groups)
     names = [g.name for g in groups]
     if not groups:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -217,3 +218,30 @@ def make_eval_step(model: nn.Module, loss_chunk_size: int = 0) -> Callable[[Any,
 def batch_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:
     """Sharding of [B, ...] input arrays: the batch dimension follows the ``act_batch`` rule."""
     return nn.logical_to_mesh_sharding(PartitionSpec("act_batch"), mesh, rules)
+
+
+def check_batch_size(
+    batch_size: int,
+    mesh: Mesh,
+    rules: LogicalRules,
+    *,
+    field: str,
+    accumulation_steps: int = 1,
+) -> None:
+    """Raises ValueError naming the config ``field`` unless the global ``batch_size`` splits
+    evenly over the hosts, the data-parallel mesh axes and into ``accumulation_steps``
+    micro-batches: what the first step would otherwise find, after compiling.
+    """
+    sharding = batch_sharding(mesh, rules)
+    entry = sharding.spec[0] if len(sharding.spec) else None
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    ways = math.prod(mesh.shape[axis] for axis in axes)
+    hosts = jax.process_count()
+    multiple = math.lcm(ways, hosts, accumulation_steps)
+    if batch_size < 1 or batch_size % multiple:
+        nearest = max(multiple, batch_size // multiple * multiple)
+        raise ValueError(
+            f"{field}={batch_size}: the {ways}-way batch sharding {sharding.spec} over "
+            f"{hosts} host(s) with accumulation_steps={accumulation_steps} cannot split it "
+            f"evenly; make it a multiple of {multiple} (e.g. {nearest})"
+        )

@@ -15,6 +15,7 @@ Each module has a ``to_sample(record) -> Sample``. ``prepare`` builds a dataset 
 from mllm_jax.data.builders.registry import (
     DATASETS,
     SampleSource,
+    duplicate_id_counts,
     load_samples,
     make_builder,
     option_names,
@@ -26,6 +27,7 @@ from mllm_jax.data.builders.registry import (
 __all__ = [
     "DATASETS",
     "SampleSource",
+    "duplicate_id_counts",
     "load_samples",
     "make_builder",
     "option_names",

@@ -2,7 +2,8 @@
 
   prepare("easy_vqa", data_dir, max_examples=100)        -> {"train": 100, "test": 100}
   source = load_samples("easy_vqa", data_dir, "train", max_examples=100)
-  source.records[i]            the i-th record as TFDS returns it (random access, picklable)
+  source.records[i]            the i-th record as TFDS returns it (random access, picklable;
+                               a damaged shard file is named, see ``readable_records``)
   source.to_sample(record)     the record as a Sample;  source[i] == to_sample(records[i])
 
 A Grain pipeline reads ``grain.MapDataset.source(source.records).map(source.to_sample)``.
@@ -25,6 +26,7 @@ from mllm_jax.data.builders import (
 )
 from mllm_jax.data.builders.builder_base import OfflineBuilder
 from mllm_jax.data.builders.easy_vqa_interleaved import EasyVqaFewShot, EasyVqaMultiImage
+from mllm_jax.data.builders.readable_records import ReadableRecords, check_shards
 from mllm_jax.data.sample import Sample
 
 FILE_FORMAT = "array_record"
@@ -107,16 +109,29 @@ def skipped_counts(builder: OfflineBuilder) -> dict[str, dict[str, int]]:
     return dict(metadata.get("skipped", {})) if metadata is not None else {}
 
 
+def duplicate_id_counts(builder: OfflineBuilder) -> dict[str, int]:
+    """Of a prepared builder: split -> records reusing an id already taken; {} for builders
+    that do not count them."""
+    metadata = builder.info.metadata
+    return dict(metadata.get("duplicate_ids", {})) if metadata is not None else {}
+
+
 def load_samples(dataset_name: str, data_dir: str, split: str, **options: Any) -> SampleSource:
-    """The prepared ``split`` of ``dataset_name`` as a random-access SampleSource."""
+    """The prepared ``split`` of ``dataset_name`` as a random-access SampleSource.
+
+    Raises:
+      FileNotFoundError: the dataset is not prepared with these options.
+      UnreadableShardError: a shard file is missing, truncated or (when read) damaged.
+    """
     builder = make_builder(dataset_name, data_dir, **options)
     if not builder.is_prepared():
         raise FileNotFoundError(
             f"{dataset_name} with options {options} is not prepared in {data_dir} "
             f"(looked in {builder.data_dir}); run mllm-prepare-data --dataset {dataset_name}"
         )
+    check_shards(builder, split)
     return SampleSource(
-        records=builder.as_data_source(split=split), to_sample=_entry(dataset_name).to_sample
+        records=ReadableRecords(builder, split), to_sample=_entry(dataset_name).to_sample
     )
 
 

@@ -1,6 +1,7 @@
 """Counting the records a builder skips, so that nothing is lost silently.
 
-Each skip is counted under a reason; the first few are logged with their record ids. At the end of
+Each skip is counted under a reason; the first few of each reason (or, when asked, every one) are
+logged with their record ids. At the end of
 a split the counts are logged and stored in the dataset's ``metadata.json`` (``builder.info.metadata
 ["skipped"][split]``), where ``prepare`` and later readers find them.
 """
@@ -18,14 +19,16 @@ _LOGGED_PER_REASON = 5
 class SkippedRecords:
     """Skip counts by reason for one split of one dataset."""
 
-    def __init__(self, dataset: str, split: str):
+    def __init__(self, dataset: str, split: str, *, log_every_record: bool = False):
         self.dataset, self.split = dataset, split
+        self.log_every_record = log_every_record
         self.counts: collections.Counter[str] = collections.Counter()
 
     def skip(self, record_id: str, reason: str, detail: str = "") -> None:
-        """Counts ``record_id`` as skipped for ``reason``; logs the first few of each reason."""
+        """Counts ``record_id`` as skipped for ``reason``; logs it if it is among the first few
+        of that reason or ``log_every_record`` is set."""
         self.counts[reason] += 1
-        if self.counts[reason] <= _LOGGED_PER_REASON:
+        if self.log_every_record or self.counts[reason] <= _LOGGED_PER_REASON:
             logging.warning(
                 "%s/%s: skipping record %r (%s) %s",
                 self.dataset,
