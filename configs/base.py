@@ -191,6 +191,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             batch_size=size["batch_size"],  # global, across all devices and hosts
             eval_percent=5,
             seed=0,
+            # Data shards the global batch is cut into (0: one per process). The data order
+            # depends on this, not on the process count: a run resumes on any process count
+            # that divides it (data/sharded_stream.py).
+            num_data_shards=0,
         )
     )
 

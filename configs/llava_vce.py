@@ -122,6 +122,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prefetch_batches=2,
             read_threads=1,  # threads reading + preprocessing samples (Grain's default is 16)
             read_buffer_size=16,
+            # Data shards each global batch is cut into (0: one per process). The data order
+            # depends on this, not on the process count: a run resumes on any process count
+            # that divides it (data/sharded_stream.py).
+            num_data_shards=0,
         )
     )
 

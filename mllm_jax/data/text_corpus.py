@@ -9,7 +9,10 @@ streamed as a Grain pipeline.
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import logging
+import os
 import pathlib
 import sysconfig
 import zlib
@@ -22,6 +25,8 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 # Third-party packages and test suites (which hold deliberately malformed files) are not corpus.
 _EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test"})
 _BYTE_OFFSET = 3
+# Bump when the documents a given stdlib yields change (extraction rules), to drop old caches.
+_CACHE_FORMAT = 1
 
 
 class ByteTokenizer:
@@ -49,7 +54,10 @@ class Document:
 def stdlib_docstrings(stdlib_dir: str | None = None) -> tuple[list[Document], int]:
     """Collects docstrings from the stdlib's .py files, sorted by source.
 
-    Files that cannot be read or parsed are skipped, counted and logged.
+    Files that cannot be read or parsed are skipped, counted and logged. Parsing the whole
+    stdlib takes seconds, and every process of a run (and every run) needs the same documents,
+    so they are cached under ``corpus_cache_dir()``, keyed by the path, size and modification
+    time of every file read (any change rebuilds them).
 
     Returns:
       (documents, number of skipped files).
@@ -57,26 +65,75 @@ def stdlib_docstrings(stdlib_dir: str | None = None) -> tuple[list[Document], in
     root = pathlib.Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise FileNotFoundError(f"standard library directory {root} does not exist")
+    paths = [
+        path
+        for path in sorted(root.rglob("*.py"))
+        if not _EXCLUDED_DIRS.intersection(path.relative_to(root).parts[:-1])
+    ]
+    cache = _cache_file(root, paths)
+    cached = _read_cache(cache)
+    if cached is not None:
+        return cached
     documents, skipped = [], 0
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root)
-        if _EXCLUDED_DIRS.intersection(relative.parts[:-1]):
-            continue
-        relative = relative.as_posix()
+    for path in paths:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         except (SyntaxError, UnicodeDecodeError, OSError, ValueError) as err:
             skipped += 1
             logging.warning("skipping %s: %s", path, err)
             continue
-        documents.extend(_docstrings_of(tree, relative))
+        documents.extend(_docstrings_of(tree, path.relative_to(root).as_posix()))
     if not documents:
         raise ValueError(f"no docstrings found under {root}")
     if skipped:
         logging.info(
             "stdlib corpus: %d documents, %d unreadable files skipped", len(documents), skipped
         )
+    _write_cache(cache, documents, skipped)
     return documents, skipped
+
+
+def corpus_cache_dir() -> pathlib.Path:
+    """``$MLLM_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/mllm_jax``, else ``~/.cache/mllm_jax``."""
+    if os.environ.get("MLLM_JAX_CACHE_DIR"):
+        return pathlib.Path(os.environ["MLLM_JAX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "mllm_jax"
+
+
+def _cache_file(root: pathlib.Path, paths: list[pathlib.Path]) -> pathlib.Path:
+    key = hashlib.sha256(f"{_CACHE_FORMAT}|{root.resolve()}".encode())
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        key.update(f"|{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return corpus_cache_dir() / f"stdlib_docstrings-{key.hexdigest()[:24]}.json"
+
+
+def _read_cache(cache: pathlib.Path) -> tuple[list[Document], int] | None:
+    if not cache.exists():
+        return None
+    try:
+        content = json.loads(cache.read_text(encoding="utf-8"))
+        documents = [Document(source, text) for source, text in content["documents"]]
+        return documents, int(content["skipped"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logging.warning("ignoring the unreadable corpus cache %s (%s); rebuilding it", cache, err)
+        return None
+
+
+def _write_cache(cache: pathlib.Path, documents: list[Document], skipped: int) -> None:
+    content = {"documents": [[d.source, d.text] for d in documents], "skipped": skipped}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Several processes may build it at once: each writes its own file, then renames.
+        partial = cache.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(content), encoding="utf-8")
+        os.replace(partial, cache)
+    except OSError as err:
+        logging.info("corpus cache not written to %s: %s", cache, err)
 
 
 def _docstrings_of(tree: ast.Module, relative: str) -> list[Document]:
@@ -157,17 +214,23 @@ def batched_stream(
     *,
     seed: int,
     shuffle: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
+    shard_index: int = 0,
+    num_shards: int = 1,
 ):
-    """Infinite iterator over host-local batches: this process's shard, shuffled per epoch.
+    """Infinite iterator over one shard's rows of each global batch, shuffled per epoch.
 
-    ``batch_size`` is the global batch; each of ``process_count`` hosts yields
-    ``batch_size // process_count`` examples per step.
+    ``batch_size`` is the global batch; shard ``shard_index`` of ``num_shards`` (windows
+    ``shard_index::num_shards``) yields ``batch_size // num_shards`` of its rows per step. Shards
+    are processes here, or the run's data shards of ``data/sharded_stream.py``.
     """
-    if batch_size % process_count:
-        raise ValueError(f"global batch {batch_size} does not split over {process_count} hosts")
-    local = dataset[process_index::process_count]
+    if batch_size % num_shards:
+        raise ValueError(
+            f"data.batch_size={batch_size} does not split into {num_shards} equal shards"
+        )
+    local = dataset[shard_index::num_shards]
     if shuffle:
         local = local.shuffle(seed=seed)
-    return iter(local.repeat().batch(batch_size // process_count, drop_remainder=True))
+    batches = local.repeat().batch(batch_size // num_shards, drop_remainder=True)
+    # One reader thread, a few batches ahead: Grain's default (16 threads, 500 elements) costs
+    # more thread churn than indexing windows does, the more so with several shards per host.
+    return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))

@@ -20,6 +20,7 @@ params alone, and the tokenizer, chat template and image processor are DIR's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 from typing import Any
@@ -35,12 +36,14 @@ from mllm_jax.data import builders
 from mllm_jax.data.hf_tokenizer import HFTokenizer
 from mllm_jax.data.packing import PackingSpec
 from mllm_jax.data.pipeline import PipelineOptions
+from mllm_jax.data.sharded_stream import num_data_shards
 from mllm_jax.data.tokenizer import Tokenizer
+from mllm_jax.layers.lora import AdapterConfig
 from mllm_jax.layers.lora_params import ADAPTER_PARAM_REGEX
 from mllm_jax.models.multimodal_lm import MultimodalLM
 from mllm_jax.recipes import llava_data, llava_hf_base, llava_models
 from mllm_jax.recipes.llava_data import load_source
-from mllm_jax.recipes.llava_stage_config import config_json, per_process, stage_seed
+from mllm_jax.recipes.llava_stage_config import config_json, stage_seed
 from mllm_jax.recipes.llava_stage_dirs import check_predecessors, results_dir, stage_dir
 from mllm_jax.recipes.text_samples import text_only
 from mllm_jax.recipes.vision_pretraining import stage0_vision_task
@@ -116,7 +119,7 @@ def packing_spec(config: Any, section: Any, tokenizer: Tokenizer, max_images: in
 
 def pipeline_options(config: Any, section: Any, stage: str, *, augment: bool) -> PipelineOptions:
     return PipelineOptions(
-        batch_size=per_process(section.batch_size),
+        batch_size=section.batch_size,  # global: make_stream gives each process its share
         seed=stage_seed(config, stage),
         augment=augment,
         worker_count=config.data.worker_count,
@@ -151,6 +154,7 @@ def train_stream(config: Any, stage: str, tokenizer: Tokenizer):
         spec=packing_spec(config, section, tokenizer, max_images=max_images),
         options=pipeline_options(config, section, stage, augment=augment),
         text_only=stage == "stage0_lm", preprocessing=llava_models.image_processor(config),
+        num_shards=num_data_shards(config.data),
     )  # fmt: skip
 
 
@@ -173,9 +177,13 @@ def stage0_lm_task(config: Any, tokenizer: Tokenizer) -> TrainTask:
 
 
 def _multimodal_init(model: MultimodalLM, spec: PackingSpec):
-    tokens = jnp.zeros((1, spec.seq_len), jnp.int32)
-    images = jnp.zeros((1, spec.max_images, spec.image_size, spec.image_size, 3), jnp.float32)
-    minus_one = jnp.full((1, spec.seq_len), -1, jnp.int32)
+    return _multimodal_init_at(model, spec.seq_len, spec.max_images, spec.image_size)
+
+
+def _multimodal_init_at(model: MultimodalLM, seq_len: int, max_images: int, image_size: int):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    images = jnp.zeros((1, max_images, image_size, image_size, 3), jnp.float32)
+    minus_one = jnp.full((1, seq_len), -1, jnp.int32)
 
     def init(rng):
         return model.init(
@@ -221,10 +229,8 @@ def stage1_pretrained(config: Any, workdir: pathlib.Path) -> dict:
 def stage1_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> TrainTask:
     """Projector alignment on captions: ViT and LM frozen (from stage 0 or the imported
     checkpoint), VCE + projector train."""
-    section = config.stage1
+    task = stage_step_task(config, "stage1")
     mm_config = llava_models.multimodal_config(config, with_adapter=False)
-    model = MultimodalLM(mm_config)
-    spec = packing_spec(config, section, tokenizer, max_images=section.max_images)
     pretrained = stage1_pretrained(config, workdir)
     test_captions = caption_examples(
         load_source(config, "easy_vqa_captions", "test"), config.stage2.eval_examples
@@ -236,20 +242,48 @@ def stage1_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
         )
         return {"caption_accuracy": result.accuracy}
 
-    return TrainTask(
-        name="stage1",
-        init_params=_multimodal_init(model, spec),
-        loss_fn=multimodal_loss_fn(model, loss_chunk_size=loss_chunk_size_from(config.model)),
-        param_groups=[
-            ParamGroup(
-                name="projector",
-                patterns=(PROJECTOR_PATTERN,),
-                learning_rate=section.projector_learning_rate,
-            )
-        ],
+    return dataclasses.replace(
+        task,
         make_train_stream=lambda: train_stream(config, "stage1", tokenizer),
         pretrained=pretrained,
         evaluate=evaluate if config.stage2.eval_examples else None,
+    )
+
+
+def stage_step_task(config: Any, stage: str) -> TrainTask:
+    """Stage 1's or 2's model, loss and trained parameter groups alone: no tokenizer, data,
+    evaluation or earlier stages' weights.
+
+    ``stage1_task`` / ``stage2_task`` add those to train it; ``trainer.prepare_step(abstract=
+    True)`` compiles its step as it is (``mllm_jax.aot``: a TPU topology's memory and FLOPs).
+    """
+    if stage not in ("stage1", "stage2"):
+        raise ValueError(f"stage_step_task builds 'stage1' or 'stage2', not {stage!r}")
+    section = config[stage]
+    with_adapter = stage == "stage2"
+    model = MultimodalLM(llava_models.multimodal_config(config, with_adapter=with_adapter))
+    if with_adapter:
+        param_groups = stage2_param_groups(config)
+    else:
+        param_groups = [
+            ParamGroup(
+                name="projector", patterns=(PROJECTOR_PATTERN,),
+                learning_rate=section.projector_learning_rate,
+            )
+        ]  # fmt: skip
+
+    def no_stream():
+        raise RuntimeError(f"{stage} was built without data (stage_step_task); use {stage}_task")
+
+    return TrainTask(
+        name=stage,
+        init_params=_multimodal_init_at(
+            model, section.seq_len, section.max_images, llava_models.image_size(config)
+        ),
+        loss_fn=multimodal_loss_fn(model, loss_chunk_size=loss_chunk_size_from(config.model)),
+        param_groups=param_groups,
+        make_train_stream=no_stream,
+        adapter=llava_models.adapter_config(config) if with_adapter else AdapterConfig(),
         config=config_json(config),
     )
 
@@ -298,11 +332,9 @@ def stage2_param_groups(config: Any) -> list[ParamGroup]:
 def stage2_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> TrainTask:
     """Visual instruction tuning (``stage2_param_groups``) on ``data.vqa_dataset`` mixed with
     multi-image documents."""
+    task = stage_step_task(config, "stage2")
     section = config.stage2
     mm_config = llava_models.multimodal_config(config, with_adapter=True)
-    model = MultimodalLM(mm_config)
-    spec = packing_spec(config, section, tokenizer, max_images=section.max_images)
-    param_groups = stage2_param_groups(config)
     stage1 = trained_params(config, results_dir(config, workdir, "stage1"))
     eval_examples = llava_data.vqa_test_examples(config, section.eval_examples)
 
@@ -312,16 +344,11 @@ def stage2_task(config: Any, tokenizer: Tokenizer, workdir: pathlib.Path) -> Tra
         )
         return _vqa_metrics(result)
 
-    return TrainTask(
-        name="stage2",
-        init_params=_multimodal_init(model, spec),
-        loss_fn=multimodal_loss_fn(model, loss_chunk_size=loss_chunk_size_from(config.model)),
-        param_groups=param_groups,
+    return dataclasses.replace(
+        task,
         make_train_stream=lambda: train_stream(config, "stage2", tokenizer),
         pretrained=stage1,
         evaluate=evaluate if section.eval_examples else None,
-        adapter=llava_models.adapter_config(config),
-        config=config_json(config),
     )
 
 

@@ -131,11 +131,37 @@ def _model_kwargs(batch: dict) -> dict:
     return {k: batch[k] for k in keys if k in batch}
 
 
-def _run(config: Any, task: TrainTask, section: Any, workdir: pathlib.Path, seed: int):
+def step_task(config: Any, mode: str, stage: str, example: dict) -> TrainTask:
+    """``mode``'s model, loss and parameter group at ``stage`` ("train" in the text setting,
+    "pretrain" or "finetune" in the vision-language one) without data, evaluation or earlier
+    weights: what ``trainer.prepare_step(abstract=True)`` compiles (``mllm_jax.aot``).
+
+    ``example``: a batch of the stage's fields (span_ids included), read for its shapes only.
+    """
+    model = SemiCausalLM(model_config(config, mode))
+    loss_chunk_size = loss_chunk_size_from(config.model)
+    loss_fn = task_lib.semi_causal_loss_fn(model, loss_chunk_size=loss_chunk_size)
+    name = f"text_{mode}" if config.setting == "text" else f"vl_{mode}_{stage}"
+
+    def no_stream():
+        raise RuntimeError(f"{name} was built without data (step_task)")
+
+    return _task(config, config[stage], model, example, loss_fn, no_stream, None, name, None)
+
+
+def stage_schedule(
+    config: Any, section: Any
+) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """The optimizer and training sections of a stage: its warmup and number of steps."""
     optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
     optimizer.warmup_steps = section.warmup_steps
     training = ml_collections.ConfigDict(config.training.to_dict())
     training.num_steps = section.num_steps
+    return optimizer, training
+
+
+def _run(config: Any, task: TrainTask, section: Any, workdir: pathlib.Path, seed: int):
+    optimizer, training = stage_schedule(config, section)
     return train(
         task,
         optimizer_config=optimizer,
@@ -167,7 +193,7 @@ def run_text(config: Any, mode: str, workdir: pathlib.Path) -> dict:
     def stream_fn():
         stream = text_corpus.batched_stream(
             train_set, d.batch_size, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            shard_index=jax.process_index(), num_shards=jax.process_count(),
         )  # fmt: skip
         return _with_spans(stream, config, TEXT_LAYOUTS[mode], config.seed)
 
@@ -291,7 +317,7 @@ def run_vl(config: Any, mode: str, workdir: pathlib.Path) -> dict:
         if to_sample is not None:
             source = builders.SampleSource(records=source.records, to_sample=to_sample)
         options = PipelineOptions(
-            batch_size=section.batch_size // jax.process_count(), seed=config.seed,
+            batch_size=section.batch_size, seed=config.seed,  # global (make_stream shards it)
             prefetch_batches=config.data.prefetch_batches,
         )  # fmt: skip
 

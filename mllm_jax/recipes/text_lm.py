@@ -25,14 +25,16 @@ import numpy as np
 
 from mllm_jax import sharding
 from mllm_jax.data import text_corpus
+from mllm_jax.data.sharded_stream import ShardedStream, num_data_shards
 from mllm_jax.models.decoder_lm import DecoderLM, transformer_config_from
 from mllm_jax.train import step as step_lib
 from mllm_jax.train.log_window import window_step_seconds
 from mllm_jax.train.losses import loss_chunk_size_from
 from mllm_jax.train.metric_writers import read_run_history
 from mllm_jax.train.multimodal_task import text_loss_fn
+from mllm_jax.train.optimizer import check_optimizer_config
 from mllm_jax.train.param_groups import ParamGroup
-from mllm_jax.train.trainer import TrainResult, TrainTask, train
+from mllm_jax.train.trainer import TrainResult, TrainTask, check_training_config, train
 
 TASK_NAME = "text_lm"
 
@@ -78,13 +80,14 @@ def text_lm_task(
 
     ``train_set`` / ``eval_set``: Grain MapDatasets of packed windows (``text_corpus``); only
     ``train`` reads them (``trainer.prepare_step``, for benchmarks and AOT compiles, takes
-    None). Each
-    process streams its own shard; the evaluation averages the cross-entropy (without the MoE
-    auxiliary loss) over the first ``training.eval_batches`` global batches of ``eval_set``.
+    None). Training reads ``data.num_data_shards`` shards (``data/sharded_stream.py``), so
+    the global batches are the same for any process count dividing it; the evaluation averages
+    the cross-entropy (without the MoE auxiliary loss) over the first ``training.eval_batches``
+    global batches of ``eval_set`` (the same examples for any process count).
     """
     model = build_model(config.model)
     data = config.data
-    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    process = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
     example = jnp.zeros((data.batch_size // jax.process_count(), data.seq_len), jnp.int32)
     batch_sharding = step_lib.batch_sharding(mesh, rules)
     loss_chunk_size = loss_chunk_size_from(config.model)
@@ -93,8 +96,14 @@ def text_lm_task(
     def init_params(rng):
         return model.init(rng, example, segment_ids=example, positions=example)["params"]
 
+    def make_shard(shard_index: int, num_shards: int):
+        return text_corpus.batched_stream(
+            train_set, data.batch_size, seed=data.seed, shard_index=shard_index,
+            num_shards=num_shards,
+        )  # fmt: skip
+
     def make_train_stream():
-        return text_corpus.batched_stream(train_set, data.batch_size, seed=data.seed, **process)
+        return ShardedStream(make_shard, num_data_shards(data))
 
     def evaluate(params) -> dict:
         batches = text_corpus.batched_stream(
@@ -127,6 +136,12 @@ def train_text_lm(
     mesh = sharding.create_mesh_from_config(config.mesh)
     rules = sharding.logical_rules_from_config(config.mesh.logical_axis_rules)
     logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    check_training_config(config.training)
+    check_optimizer_config(config.optimizer)
+    step_lib.check_batch_size(
+        config.data.batch_size, mesh, rules, field="data.batch_size",
+        accumulation_steps=int(config.training.get("accumulation_steps", 1)),
+    )  # fmt: skip
     tokenizer = text_corpus.ByteTokenizer()
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
@@ -156,12 +171,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
-    (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    primary = jax.process_index() == 0
+    if primary:
+        (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
     result = train_text_lm(config, workdir_path)
     if result.preempted:
         return {}
     history = read_run_history(workdir_path, result.history)
     results = final_results(history, num_params=result.total_params)
+    if not primary:
+        return results
     (workdir_path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(
         f"train loss {history[0]['loss']:.3f} -> {results['train_loss']:.3f}; "

@@ -8,6 +8,10 @@
   --config configs/metalm_vl.py             the same on easy-VQA (zero-shot and fine-tuned)
 
 Any config field can be overridden, e.g. ``--config.model.num_layers=2``.
+
+Several processes (one per host on a TPU pod; ``tools/launch_local.py`` runs them on one machine)
+join through ``jax.distributed``: on a Cloud TPU VM automatically, elsewhere with
+``--coordinator_address HOST:PORT --num_processes N --process_id I``.
 """
 
 from absl import app, flags, logging
@@ -18,6 +22,18 @@ from mllm_jax.command_line import run_command
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (optionally :arg).")
 flags.DEFINE_string("workdir", None, "Directory for config.json and metrics.jsonl.")
+flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Multi-process runs (jax.distributed): auto = with --coordinator_address, or on a Cloud "
+    "TPU VM from its metadata; on = always (JAX's cluster auto-detection); off = one process.",
+)
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator (tools/launch_local.py)."
+)
+flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,6 +45,14 @@ def main(argv):
     # Must happen before the first device query initialises the CPU backend.
     if FLAGS.config.mesh.get("num_cpu_devices"):
         jax.config.update("jax_num_cpu_devices", FLAGS.config.mesh.num_cpu_devices)
+    from mllm_jax.train import distributed
+
+    distributed.initialize(
+        FLAGS.distributed,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
     from mllm_jax.console_logging import quiet_library_logs
 
     quiet_library_logs()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from mllm_jax.data.pipeline import (
     ToSampleBySource,
     make_mixed_packed_dataset,
 )
+from mllm_jax.data.sharded_stream import ShardedStream
 from mllm_jax.data.tokenizer import Tokenizer
 from mllm_jax.models.decoder_lm import DecoderLM
 from mllm_jax.models.multimodal_lm import MultimodalLM
@@ -92,13 +94,17 @@ def make_stream(
     options: PipelineOptions,
     text_only: bool = False,
     preprocessing: ImageProcessor | None = None,
-) -> BatchStream:
+    num_shards: int | None = None,
+) -> ShardedStream:
     """An endless, resumable stream of packed batches drawn from ``sources`` by ``weights``.
 
-    Each process reads its own shard (``jax.process_index()``) and yields its share of the
-    global batch (``options.batch_size`` is per process). ``text_only`` drops the image fields
-    (for a text decoder; the sources must then hold no images). ``preprocessing`` prepares the
-    images (default: resized to ``spec.image_size``, normalised with mean 0.5, std 0.5).
+    ``options.batch_size`` is the global batch. It is cut into ``num_shards`` data shards
+    (default: one per process; ``data/sharded_stream.py``), each packing its own records
+    (``v::num_shards`` of every source) into ``batch_size // num_shards`` rows per step; this
+    process reads its share of the shards, so the global batches do not depend on the process
+    count. ``text_only`` drops the image fields (for a text decoder; the sources must then hold
+    no images). ``preprocessing`` prepares the images (default: resized to ``spec.image_size``,
+    normalised with mean 0.5, std 0.5).
     """
     processor = SampleProcessor(
         ToSampleBySource([s.to_sample for s in sources]),
@@ -108,15 +114,24 @@ def make_stream(
         preprocessing=preprocessing or ImagePreprocessing(size=spec.image_size),
         system_prompt=system_prompt,
     )
-    dataset = make_mixed_packed_dataset(
-        [s.records for s in sources],
-        weights,
-        processor,
-        options,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    return _TextOnly(BatchStream(dataset)) if text_only else BatchStream(dataset)
+
+    def make_shard(shard_index: int, shards: int):
+        if options.batch_size % shards:
+            raise ValueError(
+                f"batch size {options.batch_size} does not split into {shards} data shards "
+                "(data.num_data_shards; default one per process)"
+            )
+        dataset = make_mixed_packed_dataset(
+            [s.records for s in sources],
+            weights,
+            processor,
+            dataclasses.replace(options, batch_size=options.batch_size // shards),
+            process_index=shard_index,
+            process_count=shards,
+        )
+        return _TextOnly(BatchStream(dataset)) if text_only else BatchStream(dataset)
+
+    return ShardedStream(make_shard, num_shards or jax.process_count())
 
 
 class _TextOnly:
@@ -133,6 +148,10 @@ class _TextOnly:
     def __next__(self) -> dict:
         batch = next(self.stream)
         return {k: v for k, v in batch.items() if k not in self.IMAGE_KEYS}
+
+    @property
+    def num_skipped(self) -> int:
+        return self.stream.num_skipped
 
     def get_state(self) -> dict:
         return self.stream.get_state()

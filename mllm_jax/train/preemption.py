@@ -1,13 +1,16 @@
-"""Turning SIGTERM (the preemption notice of Cloud TPU VMs) into a flag the train loop polls.
+"""Turning SIGTERM (the preemption notice of Cloud TPU VMs) into a stop the train loop polls.
 
-The signal handler only sets a flag: checkpointing from inside a handler would run arbitrary
-JAX/Orbax code at an arbitrary point of the step. The loop checks ``should_stop`` between
-steps, saves a checkpoint at its current step and exits cleanly.
+The loop asks ``stop_at(step)`` after every step; when it says yes the loop saves a checkpoint at
+that step and exits cleanly. Nothing JAX or Orbax runs inside a signal handler: a handler only
+records that the signal came.
 
-Semantics are single-host: each process sees its own signal. On multi-host runs the processes
-must agree on the step at which they stop (the save is a collective); there, poll
-``jax.experimental.multihost_utils.reached_preemption_sync_point(step)`` instead, which needs
-``jax.distributed.initialize()`` with JAX's preemption service and its own SIGTERM handling.
+- One process: a Python handler sets a flag; the loop stops at the next step it asks about.
+- Several processes (``jax.distributed`` initialised): the signal may reach only one host, yet
+  the save is a collective, so every process must stop at the *same* step. JAX's preemption
+  service (started by ``jax.distributed.initialize``) catches SIGTERM in whichever process gets
+  it, tells the coordinator, and the processes agree on the next step after the furthest one any
+  of them reached; ``multihost_utils.reached_preemption_sync_point(step)`` is True exactly there,
+  on every process. No Python handler is installed then: it would take the signal away from JAX.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+import jax
+from jax.experimental import multihost_utils
+
 
 class PreemptionWatcher:
-    """Sets ``should_stop`` when one of ``signals`` arrives; ``close`` restores the handlers.
+    """Answers ``stop_at(step)``; ``close`` restores the signal handlers it replaced.
 
-    Use as a context manager around the train loop. Must be created on the main thread (Python
-    only delivers signals there).
+    Must be created on the main thread (Python only delivers signals there). With several
+    processes, every process must call ``stop_at`` at every step (JAX's protocol).
     """
 
     def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
@@ -30,15 +36,24 @@ class PreemptionWatcher:
             raise RuntimeError("PreemptionWatcher must be created on the main thread")
         self._event = threading.Event()
         self.received: int | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+        self.multi_process = jax.process_count() > 1
+        self._previous = {}
+        if not self.multi_process:
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
         self._event.set()
 
+    def stop_at(self, step: int) -> bool:
+        """Whether the run must save and stop after ``step`` (the same answer on every host)."""
+        if self.multi_process and multihost_utils.reached_preemption_sync_point(step):
+            self._event.set()
+        return self._event.is_set()
+
     @property
     def should_stop(self) -> bool:
-        """Whether a watched signal has arrived since the watcher was installed."""
+        """Whether a stop has been signalled (in this process) or agreed (across processes)."""
         return self._event.is_set()
 
     def close(self) -> None:

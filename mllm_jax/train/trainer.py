@@ -325,27 +325,27 @@ def train(
     )
 
     stream = task.make_train_stream()
-    start_step = checkpointer.latest_step()
-    if start_step is not None:
-        trainable, opt_state, data_state, saved_metadata = checkpointer.restore(
-            start_step,
-            abstract_trainable=checkpoint_lib.abstract_like(state.trainable),
-            abstract_opt_state=checkpoint_lib.abstract_like(state.opt_state),
-        )
+    # The newest step that restores; a damaged newer one is named, logged and moved aside.
+    restored = checkpointer.restore_latest_good(
+        abstract_trainable=checkpoint_lib.abstract_like(state.trainable),
+        abstract_opt_state=checkpoint_lib.abstract_like(state.opt_state),
+    )
+    start_step = 0
+    if restored is not None:
+        start_step = restored.step
         frozen = state.frozen
-        if saved_metadata["base_params_path"]:
+        if restored.metadata["base_params_path"]:
             frozen = checkpoint_lib.load_base_params(
-                saved_metadata["base_params_path"], checkpoint_lib.abstract_like(state.frozen)
+                restored.metadata["base_params_path"], checkpoint_lib.abstract_like(state.frozen)
             )
         state = state.replace(
             step=jax.device_put(jnp.asarray(start_step, jnp.int32), state_shardings.step),
-            trainable=trainable,
+            trainable=restored.trainable,
             frozen=frozen,
-            opt_state=opt_state,
+            opt_state=restored.opt_state,
         )
-        stream.set_state(data_state)
+        stream.set_state(restored.data_state)
         logging.info("%s: resumed from step %d in %s", task.name, start_step, workdir)
-    start_step = int(start_step or 0)
 
     sizes = grouped.summary(combine_params(state.trainable, state.frozen))
     trainable_params = sum(size.num_params for name, size in sizes.items() if name != FROZEN)
@@ -415,8 +415,9 @@ def train(
                 is_eval = is_last or bool(eval_every and step % eval_every == 0)
                 is_save = is_last or step % checkpoint_every == 0
                 killed = stop_after_steps is not None and step - start_step >= stop_after_steps
-                stopping = watcher.should_stop or killed
-                if killed and not watcher.should_stop:
+                preempt = watcher.stop_at(step)  # every step, on every process
+                stopping = preempt or killed
+                if killed and not preempt:
                     preempted = True  # a simulated hard kill: no save, no final record
                     break
                 record_due = is_eval or is_save or stopping or step == start_step + 1
@@ -432,8 +433,8 @@ def train(
                 writer.write(step, {k: v for k, v in record.items() if k != "step"})
                 if progress is not None:
                     progress.update(step, record)
-                if watcher.should_stop:
-                    logging.warning("%s: SIGTERM at step %d; saving and stopping", task.name, step)
+                if preempt:
+                    logging.warning("%s: SIGTERM; saving at step %d and stopping", task.name, step)
                     save(step, force=True)
                     preempted = True
                     break
@@ -448,7 +449,7 @@ def train(
         if progress is not None:
             progress.close()
 
-    if not preempted and history:
+    if not preempted and history and jax.process_index() == 0:
         plot_curves(history, workdir / "plots")
     final = history[-1] if history else {"step": step}
     summary = {
@@ -459,7 +460,8 @@ def train(
         "optimizer state bytes": tree_bytes(state.opt_state),
         **{k: v for k, v in final.items() if k != "step"},
     }
-    print(format_key_values(summary, title=f"{task.name}: summary"), flush=True)
+    if jax.process_index() == 0:
+        print(format_key_values(summary, title=f"{task.name}: summary"), flush=True)
     return TrainResult(
         params=combine_params(state.trainable, state.frozen),
         step=step,

@@ -75,15 +75,15 @@ def test_eval_split_is_deterministic_and_disjoint():
 
 def test_stream_shards_hosts_disjointly_and_reshuffles_each_epoch():
     dataset = grain.MapDataset.range(24).map(lambda i: {"index": np.int64(i)})
-    host0 = text_corpus.batched_stream(dataset, 4, seed=0, process_index=0, process_count=2)
-    host1 = text_corpus.batched_stream(dataset, 4, seed=0, process_index=1, process_count=2)
+    host0 = text_corpus.batched_stream(dataset, 4, seed=0, shard_index=0, num_shards=2)
+    host1 = text_corpus.batched_stream(dataset, 4, seed=0, shard_index=1, num_shards=2)
     epoch = lambda it: [int(i) for _ in range(6) for i in next(it)["index"]]  # 12 per host
     first0, first1 = epoch(host0), epoch(host1)
     assert sorted(first0 + first1) == list(range(24))
     second0 = epoch(host0)
     assert sorted(second0) == sorted(first0) and second0 != first0
     with pytest.raises(ValueError, match="does not split"):
-        text_corpus.batched_stream(dataset, 5, seed=0, process_count=2)
+        text_corpus.batched_stream(dataset, 5, seed=0, num_shards=2)
 
 
 def test_make_text_datasets_splits_documents_into_packed_windows(tmp_path):
@@ -94,3 +94,24 @@ def test_make_text_datasets_splits_documents_into_packed_windows(tmp_path):
     assert set(example) == {"tokens", "targets", "loss_mask", "segment_ids", "positions"}
     assert example["tokens"].shape == (8,) and example["tokens"].dtype == np.int32
     assert len(train) > len(held_out) > 0
+
+
+def test_docstrings_are_cached_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLLM_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    stdlib = tmp_path / "lib"
+    stdlib.mkdir()
+    module = stdlib / "m.py"
+    module.write_text('"""First version."""\n')
+    first = text_corpus.stdlib_docstrings(str(stdlib))
+    (cache,) = (tmp_path / "cache").glob("stdlib_docstrings-*.json")
+    assert text_corpus.stdlib_docstrings(str(stdlib)) == first
+    # The cache is what is read: a doctored cache file shows through.
+    cache.write_text(cache.read_text().replace("First version.", "From the cache."))
+    assert text_corpus.stdlib_docstrings(str(stdlib))[0][0].text == "From the cache."
+    module.write_text('"""Second, longer version."""\n')
+    assert text_corpus.stdlib_docstrings(str(stdlib))[0][0].text == "Second, longer version."
+    for stale in (tmp_path / "cache").glob("*.json"):
+        stale.write_text("{not json")
+    with caplog.at_level("WARNING"):
+        assert text_corpus.stdlib_docstrings(str(stdlib))[0][0].text == "Second, longer version."
+    assert "unreadable corpus cache" in caplog.text

@@ -4,6 +4,7 @@ per-group learning rates, adapter-only checkpoints and the files a run writes.""
 import io
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -21,6 +22,7 @@ from mllm_jax.data.builders import SampleSource
 from mllm_jax.data.packing import PackingSpec
 from mllm_jax.data.pipeline import PipelineOptions
 from mllm_jax.data.sample import Sample, Turn
+from mllm_jax.data.sharded_stream import merge_shard_states
 from mllm_jax.data.tokenizer import Tokenizer, train_tokenizer
 from mllm_jax.layers.lora import AdapterConfig
 from mllm_jax.layers.lora_params import ADAPTER_PARAM_REGEX, is_adapter_param
@@ -193,26 +195,31 @@ def _assert_bit_identical(a, b):
 
 
 def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
-    tokenizer, devices, tmp_path
+    tokenizer, devices, tmp_path, caplog
 ):
+    """A hard kill after step 5, and then the newest checkpoint (step 4) found damaged: the
+    run resumes from step 2, moves step 4 aside, and still ends bit-identical."""
     mesh = _mesh(devices, data=2)
     run = dict(mesh=mesh, rules=RULES, seed=5)
     straight = train(
         _task(tokenizer), workdir=tmp_path / "straight", **run,
-        **_configs(6, checkpoint_every=3, weight_decay=0.1, warmup_steps=2),
+        **_configs(6, checkpoint_every=2, weight_decay=0.1, warmup_steps=2),
     )  # fmt: skip
-    # Killed after step 5: the checkpoint of step 3 survives, steps 4-5 are lost.
     killed = train(
         _task(tokenizer), workdir=tmp_path / "resumed", stop_after_steps=5, **run,
-        **_configs(6, checkpoint_every=3, weight_decay=0.1, warmup_steps=2),
+        **_configs(6, checkpoint_every=2, weight_decay=0.1, warmup_steps=2),
     )  # fmt: skip
     assert killed.preempted and killed.step == 5
-    resumed = train(
-        _task(tokenizer), workdir=tmp_path / "resumed", **run,
-        **_configs(6, checkpoint_every=3, weight_decay=0.1, warmup_steps=2),
-    )  # fmt: skip
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4" / "trainable")
+    with caplog.at_level("WARNING"):
+        resumed = train(
+            _task(tokenizer), workdir=tmp_path / "resumed", **run,
+            **_configs(6, checkpoint_every=2, weight_decay=0.1, warmup_steps=2),
+        )  # fmt: skip
+    assert "checkpoint step 4" in caplog.text and "['trainable'] are missing" in caplog.text
+    assert (tmp_path / "resumed" / "checkpoints" / "unusable-4").is_dir()
     assert resumed.step == 6 and not resumed.preempted
-    assert [r["step"] for r in resumed.history] == [4, 5, 6]
+    assert [r["step"] for r in resumed.history] == [3, 4, 5, 6]
     # Same losses on the re-done steps: same batches in the same order.
     straight_losses = {r["step"]: r["loss"] for r in straight.history}
     for record in resumed.history:
@@ -221,7 +228,7 @@ def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
     # A different seed is a different run (the comparison above can fail).
     other = train(
         _task(tokenizer), workdir=tmp_path / "other", mesh=mesh, rules=RULES, seed=6,
-        **_configs(6, checkpoint_every=3, weight_decay=0.1, warmup_steps=2),
+        **_configs(6, checkpoint_every=2, weight_decay=0.1, warmup_steps=2),
     )  # fmt: skip
     with pytest.raises(AssertionError):
         _assert_bit_identical(straight.params, other.params)
@@ -338,3 +345,51 @@ def test_checkpoint_holds_only_the_trainable_params_and_the_run_writes_its_logs(
     assert "eval_projector_norm" in lines[-1]
     assert list((tmp_path / "tensorboard").iterdir())
     assert (tmp_path / "plots" / "loss.png").exists()
+
+
+def test_packed_multimodal_stream_is_the_same_for_any_process_count(tokenizer, monkeypatch):
+    """make_stream's data shards: the processes' local batches tile one global batch that does
+    not depend on the process count, and a 2-process position resumes on 1 or 4 processes."""
+    spec = PackingSpec(
+        seq_len=SEQ_LEN, max_images=3, image_size=SIZE, tokens_per_image=4,
+        image_id=tokenizer.image_id, pad_id=tokenizer.pad_id,
+    )  # fmt: skip
+
+    def processes(count):
+        streams = []
+        for index in range(count):
+            monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+            monkeypatch.setattr(jax, "process_count", lambda: count)
+            streams.append(
+                make_stream(
+                    [SampleSource(records=RECORDS, to_sample=_to_sample)],
+                    [1.0],
+                    tokenizer,
+                    template="v1",
+                    system_prompt="",
+                    spec=spec,
+                    options=PipelineOptions(batch_size=8, seed=3, augment=True),
+                    num_shards=4,
+                )  # fmt: skip
+            )
+        return streams
+
+    def global_batches(streams, steps):
+        out = []
+        for _ in range(steps):
+            local = [next(s) for s in streams]
+            out.append({k: np.concatenate([b[k] for b in local]) for k in local[0]})
+        return out
+
+    reference = global_batches(processes(1), 5)
+    writers = processes(2)
+    two = global_batches(writers, 2)
+    state = merge_shard_states(4, [w.local_state() for w in writers])
+    for count in (1, 4):
+        readers = processes(count)
+        for reader in readers:
+            reader.set_state(state)
+        for got, want in zip(two + global_batches(readers, 3), reference, strict=True):
+            assert got.keys() == want.keys()
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
