@@ -40,6 +40,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mllm_jax.train.trainer import check_local_workdir
+
+    try:
+        check_local_workdir(FLAGS.workdir)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
     import jax
 
     # Must happen before the first device query initialises the CPU backend.

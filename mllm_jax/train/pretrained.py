@@ -45,10 +45,26 @@ def overlay_params(
                 f"{source}: parameter {path} is {np.shape(value)} {np.dtype(value.dtype)}, "
                 f"the model wants {tuple(target.shape)} {np.dtype(target.dtype)}"
             )
-        sharding = getattr(target, "sharding", None)
-        flat[path] = jax.device_put(value, sharding) if sharding is not None else value
+        flat[path] = place_like(value, getattr(target, "sharding", None))
     kept = sorted(set(flat) - set(flat_pretrained))
     return traverse_util.unflatten_dict(flat, sep="/"), kept
+
+
+def place_like(value, sharding: jax.sharding.Sharding | None):
+    """``value`` (an array every process holds in full) laid out by ``sharding``.
+
+    On one process that is ``jax.device_put``. When ``sharding`` spans several processes and
+    ``value`` lives on this process's devices only, each process builds its own shards from a
+    host copy: a device-to-device transfer across hosts is not available on every backend
+    (XLA:CPU refuses it).
+    """
+    if sharding is None:
+        return value
+    global_value = not getattr(value, "is_fully_addressable", True)
+    if sharding.is_fully_addressable or global_value:
+        return jax.device_put(value, sharding)
+    host = np.asarray(jax.device_get(value))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def nest_under(prefix: str, tree: Mapping) -> dict:

@@ -168,6 +168,20 @@ def check_training_config(training_config: Any) -> None:
         raise ValueError(f"training.accumulation_steps={tc.accumulation_steps} must be >= 1")
 
 
+def check_local_workdir(workdir: str | pathlib.Path) -> None:
+    """Raises ValueError for a URL workdir (``gs://...``): the trainer writes its logs, plots and
+    checkpoints through the local filesystem, and ``pathlib`` would quietly turn the URL into a
+    local ``gs:/`` directory. Mount the bucket (e.g. ``gcsfuse``) or use a filesystem that every
+    host shares and pass that path."""
+    text = str(workdir)
+    if "://" in text:
+        raise ValueError(
+            f"workdir {text!r}: URLs are not written to directly; mount the bucket on every "
+            "host (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) or use a shared "
+            "filesystem, and pass that path (docs/multi_process.md)"
+        )
+
+
 def _num_params(tree: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
@@ -302,6 +316,7 @@ def train(
     """
     tc = training_config
     check_training_config(tc)
+    check_local_workdir(workdir)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     num_steps = int(tc.num_steps)

@@ -95,3 +95,11 @@ def test_the_llava_job_refuses_a_bad_late_stage_before_training_any(tmp_path):
     with pytest.raises(ValueError, match=r"stage2\.projector_learning_rate=-1\.0"):
         llava_demo.run(config, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_a_url_workdir_is_refused_instead_of_becoming_a_local_directory(tmp_path):
+    from mllm_jax.train.trainer import check_local_workdir
+
+    check_local_workdir(tmp_path / "run")
+    with pytest.raises(ValueError, match="gs://bucket/run.*gcsfuse"):
+        check_local_workdir("gs://bucket/run")
