@@ -5,10 +5,15 @@
   python tools/aot_compile.py --config configs/base.py --topology v5e:16x16 \
       --config.model.dtype=bfloat16 --config.mesh.ici_parallelism.data=1 \
       --config.mesh.ici_parallelism.fsdp=-1
+  python tools/aot_compile.py --config configs/llava15_7b.py --topology v5e:16x16   # stage 2
+  python tools/aot_compile.py --config configs/moe_lm.py:size=mixtral_8x7b --topology v5p:4x4x4
+  python tools/aot_compile.py --config configs/metalm_1b3.py --topology v5e:4x4
 
-Prints per-device argument / output / temporary bytes against the chip's HBM, the step's FLOPs
-and the collectives in the compiled HLO; exits 1 with a message when the step does not fit.
-Needs libtpu (``pip install 'mllm_jax[tpu]'``). See ``mllm_jax/aot.py``.
+Every training config compiles: the text / MoE LM, the LLaVA recipe (its ``stage``: stage1 or
+stage2, ``all`` compiles stage2) and METALM (semi_causal, text or vision-language pretraining);
+see ``mllm_jax/aot.py``. Prints per-device argument / output / temporary bytes against the
+chip's HBM, the step's FLOPs, the collectives in the compiled HLO and the compile time; exits 1
+with a message when the step does not fit. Needs libtpu (``pip install 'mllm_jax[tpu]'``).
 """
 
 import json
